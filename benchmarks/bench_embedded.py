@@ -42,6 +42,8 @@ def main(argv=None) -> int:
     p.add_argument("--poison-epochs", type=int, default=3)
     p.add_argument("--adapter", default="lora")
     p.add_argument("--lora-r", type=int, default=8)
+    p.add_argument("--lora-alpha", type=float, default=16.0)
+    p.add_argument("--lora-targets", nargs="+", default=[], help="modules LoRA adapts (default q_proj v_proj)")
     p.add_argument("--method-config", default=None, help="YAML: {w2s: {gamma: 0.01}}")
     p.add_argument("--tag", default="")
     p.add_argument("--no-floor", action="store_true")
@@ -54,6 +56,7 @@ def main(argv=None) -> int:
                      seeds=a.seeds, clean_label=not a.dirty_label, data_dir=a.data_dir, n_proxy=a.n_proxy,
                      n_train=a.n_train, n_dev=a.n_dev, n_test=a.n_test, max_chars=a.max_chars, epochs=a.epochs,
                      poison_epochs=a.poison_epochs, adapter=a.adapter, lora_r=a.lora_r,
+                     lora_alpha=a.lora_alpha, lora_targets=a.lora_targets,
                      method_config=yaml.safe_load(a.method_config) if a.method_config else {},
                      tag=a.tag, floor=not a.no_floor, work_dir=a.work_dir, out=a.out)
     run_grid(cfg)

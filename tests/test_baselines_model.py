@@ -442,3 +442,20 @@ def test_merge_end_to_end_with_a_fine_tuned_base(tiny_llama_dir, tiny_bert_dir, 
     mismatch = make_ctx(tmp_path / "bad", tiny_llama_dir, task)
     with pytest.raises(ConfigError, match="identical architecture"):
         DEFENSES.get("merge")().run(mismatch, MergeConfig(other=[str(tiny_bert_dir)]))
+
+
+def test_shared_victim_dir_trains_plain_peft_once(tmp_path, tiny_llama_dir, task):
+    """Defenses that start from plain PEFT of the suspect model reuse a finished victim in victim_dir."""
+    from kdshield.defenses.lora import train_victim
+
+    ctx = make_ctx(tmp_path, tiny_llama_dir, task)
+    ctx.victim_dir = tmp_path / "lora" / "train"
+    first, res1 = train_victim(ctx)
+    assert res1.resumed_from_step is None and (ctx.victim_dir / "checkpoint").is_dir()
+    ctx2 = make_ctx(tmp_path / "other", tiny_llama_dir, task)
+    ctx2.victim_dir = ctx.victim_dir
+    second, res2 = train_victim(ctx2)
+    assert res2.resumed_from_step == res1.steps  # loaded at its end, no step trained again
+    assert not (ctx2.output_dir / "train").exists()
+    x = list(task.split("test")["text"])
+    np.testing.assert_allclose(predict(first, x).probs, predict(second, x).probs, atol=1e-5)

@@ -62,6 +62,9 @@ class GridConfig:
     batch_size: int = cfg_field(16, help="Batch size of PEFT and defenses.")
     adapter: str = cfg_field("lora", help="lora | prompt-tuning | p-tuning | full.")
     lora_r: int = cfg_field(8, help="LoRA rank.")
+    lora_alpha: float = cfg_field(16.0, help="LoRA scaling alpha (the update is scaled by alpha / r).")
+    lora_targets: list[str] = cfg_field([], help="Modules LoRA adapts; empty = peft's default (q_proj, v_proj "
+                                                 "for Llama).")
     floor: bool = cfg_field(True, help="Also run the never-poisoned student with plain PEFT (the ASR floor).")
     method_config: dict = cfg_field({}, help="Per-method options: {w2s: {gamma: 0.01}}.")
     tag: str = cfg_field("", help="Free label stored in every record (e.g. a tuning variant).")
@@ -111,7 +114,8 @@ class GridRunner:
                          n_train=cfg.n_train, n_dev=cfg.n_dev, n_test=cfg.n_test, max_chars=cfg.max_chars)
         proxy_name = task.proxy or name
         work = Path(cfg.work_dir) / f"{Path(student).name}-{name}-{proxy_name}-s{seed}"
-        adapter = AdapterConfig(kind=cfg.adapter, r=cfg.lora_r)
+        adapter = AdapterConfig(kind=cfg.adapter, r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
+                                target_modules=list(cfg.lora_targets))
         peft_train = TrainConfig(epochs=cfg.epochs, lr=cfg.lr, batch_size=cfg.batch_size,
                                  max_length=cfg.max_length, seed=seed)
         common = dict(dataset=name, proxy=proxy_name, student=student, adapter=cfg.adapter, seed=seed,
@@ -143,7 +147,8 @@ class GridRunner:
                     block.record_poisoned(poisoned, attack, fields)
                 else:
                     run_dir = pdir / (method + (f"-{cfg.tag}" if cfg.tag else ""))
-                    block.run_method(method, str(poisoned.path), attack, fields, run_dir)
+                    block.run_method(method, str(poisoned.path), attack, fields, run_dir,
+                                     victim_dir=pdir / ("lora" + (f"-{cfg.tag}" if cfg.tag else "")) / "train")
 
     def _key(self, rec: dict) -> tuple:
         return cell_key(rec)
@@ -165,7 +170,8 @@ class _Block:
     peft_train: TrainConfig
     common: dict
 
-    def run_method(self, method: str, model_ref: str, attack: AttackConfig, fields: dict, run_dir: Path) -> None:
+    def run_method(self, method: str, model_ref: str, attack: AttackConfig, fields: dict, run_dir: Path,
+                   victim_dir: Path | None = None) -> None:
         cfg = self.runner.cfg
         if cell_key({**self.common, **fields, "method": method}) in self.runner.done:
             return
@@ -173,6 +179,7 @@ class _Block:
         mcfg = defense.config_class(**cfg.method_config.get(method, {}))
         ctx = DefenseContext(student=model_ref, task=self.task, output_dir=run_dir, train=self.peft_train,
                              adapter=self.adapter, data_dir=cfg.data_dir, resume=True, attack=attack,
+                             victim_dir=victim_dir,
                              suspect_data=poisoned_proxy(self.task, attack, seed=self.common["seed"],
                                                          data_dir=cfg.data_dir))
         t0 = time.perf_counter()

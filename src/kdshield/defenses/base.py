@@ -50,6 +50,10 @@ class DefenseContext:
     # The attack under test, when known (benchmarks): detectors score clean vs triggered test
     # inputs with it. Defenses that remove backdoors never read it.
     attack: Any = None
+    # Where plain PEFT of the suspect model is kept (a finished run there is loaded, not retrained):
+    # input-level defenses and detectors all start from that same victim, so a benchmark that
+    # points this at the "lora" row's directory trains it once. None = output_dir / "train".
+    victim_dir: Path | None = None
 
 
 @dataclass

@@ -13,9 +13,11 @@ from kdshield.threat import peft_finetune
 
 def train_victim(ctx: DefenseContext, *, model=None, desc: str | None = None):
     """Plain PEFT of the suspect model (or of ``model``, e.g. after pruning) on the clean train
-    split with the shared adapter and training settings: the victim every baseline starts from."""
+    split with the shared adapter and training settings: the victim every baseline starts from.
+    Plain PEFT of the suspect model itself goes to ``ctx.victim_dir`` when set (shared, resumed)."""
+    out = ctx.victim_dir if model is None and ctx.victim_dir is not None else ctx.output_dir / "train"
     return peft_finetune(model.source if model is not None else ctx.student, ctx.task, ctx.adapter, ctx.train,
-                         ctx.output_dir / "train", resume=ctx.resume, options=ctx.options, model=model,
+                         out, resume=ctx.resume or out == ctx.victim_dir, options=ctx.options, model=model,
                          desc=desc or ctx.adapter.kind)
 
 
