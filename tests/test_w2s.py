@@ -61,6 +61,19 @@ def test_config_validation():
     with pytest.raises(ConfigError, match="unknown w2s preset"):
         W2SConfig.from_preset("nope")
     assert W2SConfig.from_preset("paper-badnet").alpha == 5.0
+    with pytest.raises(ConfigError, match="w2s.lora_r"):
+        W2SConfig(lora_r=0)
+
+
+def test_student_adapter_overrides_only_lora():
+    from kdshield.defenses.w2s import student_adapter
+
+    lora = AdapterConfig(kind="lora", r=8, lora_alpha=16.0)
+    assert student_adapter(lora, W2SConfig(lora_r=32, lora_alpha=64.0)) == AdapterConfig(kind="lora", r=32,
+                                                                                           lora_alpha=64.0)
+    assert student_adapter(lora, W2SConfig(lora_r=None, lora_alpha=None)) == lora
+    prompt = AdapterConfig(kind="prompt-tuning")
+    assert student_adapter(prompt, W2SConfig(lora_r=32)) == prompt
 
 
 def _task(toy_dataset):
@@ -110,8 +123,10 @@ def test_w2s_end_to_end_tiny(tiny_llama_dir, tiny_bert_dir, toy_dataset, tmp_pat
                          train=TrainConfig(epochs=2, batch_size=8, precision="fp32"),
                          adapter=AdapterConfig(kind="lora", r=4))
     defense = DEFENSES.get("w2s")()
-    res = defense.run(ctx, W2SConfig(teacher=str(tiny_bert_dir), teacher_epochs=1, lr=5e-3, epochs=2))
+    res = defense.run(ctx, W2SConfig(teacher=str(tiny_bert_dir), teacher_epochs=1, lr=5e-3, epochs=2, lora_r=6,
+                                     lora_alpha=12.0))
     assert res.trainable_params > 0 and res.wall_s > 0
+    assert res.model.adapter_spec["config"]["r"] == 6  # the defense's own rank, not --adapter.r
     assert res.logs["train"]["steps"] == 12
     metrics = evaluate_model(res.model, task, None)
     assert 0.0 <= metrics["ca"] <= 1.0

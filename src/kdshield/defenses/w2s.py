@@ -79,6 +79,9 @@ class W2SConfig:
     epochs: int | None = cfg_field(3, help="Student epochs (none: --train.epochs). Alignment needs more "
                                            "passes than plain PEFT: on the embedded assets 3 epochs removed "
                                            "99%% of BadNet's ASR above the floor, 2 epochs 92%%.")
+    lora_r: int | None = cfg_field(None, help="LoRA rank of the student's adapter for this defense (none: "
+                                              "--adapter.r). Only used when the adapter is LoRA.")
+    lora_alpha: float | None = cfg_field(None, help="LoRA alpha for this defense (none: --adapter.lora_alpha).")
     teacher_epochs: int = cfg_field(3, help="Epochs of the teacher's full fine-tuning.")
     teacher_lr: float = cfg_field(5e-5, help="Teacher learning rate.")
     teacher_batch_size: int = cfg_field(32, help="Teacher batch size.")
@@ -95,6 +98,10 @@ class W2SConfig:
             check_range("w2s.lr", self.lr, 0, 1, lo_open=True)
         if self.epochs is not None:
             check_range("w2s.epochs", self.epochs, 1, 1000)
+        if self.lora_r is not None:
+            check_range("w2s.lora_r", self.lora_r, 1, 65536)
+        if self.lora_alpha is not None:
+            check_range("w2s.lora_alpha", self.lora_alpha, 0, 1e6, lo_open=True)
         check_range("w2s.teacher_epochs", self.teacher_epochs, 1, 100)
         check_range("w2s.teacher_lr", self.teacher_lr, 0, 1, lo_open=True)
         check_range("w2s.teacher_batch_size", self.teacher_batch_size, 1, 65536)
@@ -184,6 +191,14 @@ def prepare_teacher(cfg: W2SConfig, task: TaskData, student_hidden: int, train_c
     return Teacher(teacher, path, logits, features, dev_ca, trained=True)
 
 
+def student_adapter(adapter: AdapterConfig, cfg: W2SConfig) -> AdapterConfig:
+    """The shared adapter settings with this defense's LoRA rank / alpha overrides applied."""
+    if adapter.kind != "lora":
+        return adapter
+    changes = {k: v for k, v in (("r", cfg.lora_r), ("lora_alpha", cfg.lora_alpha)) if v is not None}
+    return dataclasses.replace(adapter, **changes) if changes else adapter
+
+
 def make_w2s_loss_fn(teacher_logits: torch.Tensor, teacher_features: torch.Tensor, cfg: W2SConfig):
     """A ``train`` loss function that reads the cached teacher outputs of each batch row."""
     def loss_fn(model, batch):
@@ -215,7 +230,7 @@ class W2SDefense(Defense):
                 train_cfg = dataclasses.replace(train_cfg, lr=config.lr)
             if config.epochs is not None:
                 train_cfg = dataclasses.replace(train_cfg, epochs=config.epochs)
-            adapter = ctx.adapter if ctx.adapter is not None else AdapterConfig()
+            adapter = student_adapter(ctx.adapter if ctx.adapter is not None else AdapterConfig(), config)
             loss_fn = make_w2s_loss_fn(teacher.logits, teacher.features, config)
             with Timer() as t_student:
                 clf, res = peft_finetune(ctx.student, ctx.task, adapter, train_cfg, ctx.output_dir / "train",
