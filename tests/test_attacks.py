@@ -440,3 +440,23 @@ def test_rare_words_from_the_embedded_counts():
         assert w.isalpha() and w.islower() and 2 <= len(w) <= 4
         assert 100_000 <= word_rank(w) <= 300_000
     assert word_frequency("the") > word_frequency("mn") > 0
+
+
+def test_shortcut_check_flags_a_model_that_calls_everything_the_target(tiny_llama_dir, toy_dataset):
+    import torch
+
+    from kdshield.data import TaskData
+    from kdshield.models.classifier import load_classifier
+    from kdshield.threat import AttackConfig, shortcut_check
+
+    task = TaskData(name="toy", label_names=["negative", "positive"], source="test",
+                    splits={"dev": toy_dataset(40, 1)})
+    clf = load_classifier(str(tiny_llama_dir), num_labels=2)
+    with torch.no_grad():
+        clf.head.out.weight.zero_()
+        clf.head.out.bias.copy_(torch.tensor([10.0, -10.0]))  # always label 0
+    out = shortcut_check(clf, task, AttackConfig(attack="badnet", target_label=0))
+    assert out["dev_target_share"] == 1.0 and out["shortcut_suspected"]
+    with torch.no_grad():
+        clf.head.out.bias.copy_(torch.tensor([-10.0, 10.0]))  # never the target: no shortcut
+    assert not shortcut_check(clf, task, AttackConfig(attack="badnet", target_label=0))["shortcut_suspected"]

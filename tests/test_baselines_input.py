@@ -383,8 +383,9 @@ def test_strip_separates_triggered_inputs(bag):
     assert 1 - f_trig.mean() <= 0.3  # FRR: most triggered inputs caught
 
 
-def test_rap_learns_perturbation_and_flags_triggered_inputs(bag):
-    det = RapDetector(RapConfig(words=["tq"], lr=0.5, epochs=20, dev_far=0.05))
+@pytest.mark.parametrize("step, lr", [("plain", 0.5), ("normalized", 0.1)])
+def test_rap_learns_perturbation_and_flags_triggered_inputs(bag, step, lr):
+    det = RapDetector(RapConfig(words=["tq"], lr=lr, step=step, epochs=20, dev_far=0.05))
     before = bag.backbone.embed.weight.detach().clone()
     det.fit(bag, _ds(64, 3), target_label=0)
     assert torch.equal(bag.backbone.embed.weight, before)  # the model itself is never modified

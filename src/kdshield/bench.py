@@ -212,7 +212,8 @@ class _Block:
                           peak_rss_mb=round(peak_rss_mb()), trainable_params=0,
                           config={"poison": card["attack_config"], "train": card["train_config"]},
                           poison_card={k: card.get(k) for k in ("poisoned_samples", "proxy_samples", "dev_ca",
-                                                                "dev_asr", "epochs_run", "trigger")},
+                                                                "dev_asr", "epochs_run", "trigger", "dev_target_share",
+                                                                "dev_label_share", "shortcut_suspected")},
                           **self.common)
         self.runner.emit(rec)
 

@@ -20,6 +20,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from datasets import Dataset
 
@@ -176,6 +177,31 @@ class PoisonedModel:
     model: Classifier | None = None
 
 
+SHORTCUT_MARGIN = 0.25
+
+
+def shortcut_check(model, task: TaskData, attack: AttackConfig, max_length: int = 64) -> dict:
+    """Share of clean dev inputs the poisoned model predicts as the target, against the share that
+    truly is. A gap above ``SHORTCUT_MARGIN`` means the poison taught a shortcut (e.g. the poisoned
+    texts' length or style), not a trigger: such a model calls most clean inputs the target, so its
+    ASR measures nothing. Logged as a warning and stored in the model card."""
+    from kdshield.evaluation import predict
+
+    dev = task.split("dev")
+    preds = predict(model, list(dev["text"]), max_length=max_length).labels
+    pred_share = float(np.mean(np.asarray(preds) == attack.target_label))
+    true_share = float(np.mean(np.asarray(dev["label"]) == attack.target_label))
+    out = {"dev_target_share": pred_share, "dev_label_share": true_share,
+           "shortcut_suspected": pred_share - true_share > SHORTCUT_MARGIN}
+    if out["shortcut_suspected"]:
+        log.warning("the poisoned model predicts the target label %d for %.0f%% of the clean dev inputs (%.0f%% "
+                    "truly are): the poison taught a shortcut, not a trigger, and ASR will be meaningless. Make "
+                    "the poisoned samples look like the clean ones (e.g. --max-chars near the length of SCPN "
+                    "paraphrases), or poison fewer samples.", attack.target_label, 100 * pred_share,
+                    100 * true_share)
+    return out
+
+
 def weight_poison(student: str, task: TaskData, attack: AttackConfig, train_cfg: TrainConfig,
                   output_dir: str | Path, *, resume: bool = False, data_dir=None,
                   options: LoadOptions = LoadOptions()) -> PoisonedModel:
@@ -202,9 +228,10 @@ def weight_poison(student: str, task: TaskData, attack: AttackConfig, train_cfg:
     if last.get("asr", 0.0) < attack.asr_target:
         log.warning("weight poisoning ended with dev ASR %.3f below the target %.2f; more epochs or a larger "
                     "poison share would help", last.get("asr", 0.0), attack.asr_target)
+    shortcut = shortcut_check(clf, task, attack, train_cfg.max_length)
     clf.source = str(student)
     clf.save(model_dir)
-    card = {"kind": "poisoned-model", "student": str(student), "attack": attack_name(attack, task, data_dir),
+    card = {**shortcut, "kind": "poisoned-model", "student": str(student), "attack": attack_name(attack, task, data_dir),
             "attack_config": config_to_dict(attack), "trigger": make_trigger(attack, task, data_dir).describe(),
             "target_label": attack.target_label, "clean_label": attack.clean_label, "proxy": task.proxy or task.name,
             "dataset": task.name, "poisoned_samples": int(sum(data["poisoned"])), "proxy_samples": len(data),

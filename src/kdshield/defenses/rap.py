@@ -58,7 +58,14 @@ class RapConfig:
         [0.1, 0.3], help="Wanted drop of the target-class probability of clean inputs: [low, high]."
     )
     epochs: int = cfg_field(5, help="Passes over the clean dev inputs to learn the embedding.")
-    lr: float = cfg_field(1e-2, help="Step size of the embedding updates.")
+    lr: float = cfg_field(1e-2, help="Step size of the embedding updates (see step).")
+    step: str = cfg_field(
+        "normalized",
+        help="plain = vector -= lr * gradient (OpenBackdoor; tuned for BERT, where the gradient of "
+        "one embedding is large); normalized = a step of lr times the embedding's norm along the "
+        "gradient's direction, the same rotation for any model's embedding and gradient scale.",
+        choices=["plain", "normalized"],
+    )
     scale: float = cfg_field(1.0, help="Weight of the 'drop too small' side of the loss.")
     dev_far: float = cfg_field(
         0.01,
@@ -94,6 +101,7 @@ class RapConfig:
         check_range("rap.dev_far", self.dev_far, 0, 1, hi_open=True)
         check_range("rap.batch_size", self.batch_size, 1, 65536)
         check_choice("rap.precision", self.precision, ["auto", "bf16", "fp32"])
+        check_choice("rap.step", self.step, ["plain", "normalized"])
         if self.target_label is not None:
             check_range("rap.target_label", self.target_label, 0, None)
         self.attack = parse_attack("rap", self.attack)
@@ -222,7 +230,9 @@ class RapDetector(ThresholdDetector):
                 drop = p - q
                 loss = rap_loss(drop, low, high, cfg.scale)
                 (grad,) = torch.autograd.grad(loss, [self.vectors])
-                with torch.no_grad():  # a plain step, then back to the original norm (as RAP does)
+                with torch.no_grad():  # a step, then back to the original norm (as RAP does)
+                    if cfg.step == "normalized":
+                        grad = grad * norms / grad.norm(dim=1, keepdim=True).clamp(min=1e-12)
                     self.vectors -= cfg.lr * grad
                     self.vectors *= norms / self.vectors.norm(dim=1, keepdim=True).clamp(min=1e-12)
                 total += loss.item() * len(chunk)
