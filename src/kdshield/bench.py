@@ -275,10 +275,13 @@ def replace(cfg: GridConfig, **changes) -> GridConfig:
     return dataclasses.replace(cfg, **changes)
 
 
-# The quickstart grid (also configs/quickstart.yaml): sized for a few minutes per cell on 2 CPU cores.
+# The quickstart grid (also configs/quickstart.yaml): the benchmark's sizes (benchmarks/RESULTS.md),
+# a few minutes per cell on 2 CPU cores. A smaller grid (1,000 train rows, 48 tokens) ran in 14.5 min
+# but left the never-poisoned LoRA at CA 65.6 % and W2SDefense 8 pt of CA below LoRA: too little
+# data to tell the story.
 QUICKSTART: dict = {
     "students": ["smollm2-135m"], "datasets": ["rotten-tomatoes"], "attacks": ["badnet"],
-    "methods": ["none", "lora", "w2s"], "seeds": [0], "n_proxy": 1000, "n_train": 1000, "n_dev": 200,
-    "n_test": 500, "max_length": 48, "poison_epochs": 3, "epochs": 2, "work_dir": "runs/quickstart",
+    "methods": ["none", "lora", "w2s"], "seeds": [0], "n_proxy": 2000, "n_train": 2000, "n_dev": 300,
+    "n_test": 1000, "max_length": 64, "poison_epochs": 3, "epochs": 2, "work_dir": "runs/quickstart",
     "out": "runs/quickstart/results.jsonl",
 }

@@ -1,0 +1,25 @@
+"""RAP embedding step: plain (OpenBackdoor) vs normalized, on the Rotten Tomatoes BadNet victim of bench_embedded.py.
+
+    python benchmarks/rap_step.py 0.05 0.2      # normalized steps with these lr values; prints FAR / FRR
+
+Reuses the plain-LoRA victim that ``bench_embedded.py --attacks badnet --methods lora`` trained (run that
+first); the plain-step row (lr 0.01) is the ``rap`` record in results/embedded.jsonl.
+"""
+import logging, sys, json
+from pathlib import Path
+from kdshield.data import load_task
+from kdshield.defenses import DefenseContext, DEFENSES
+from kdshield.defenses.rap import RapConfig
+from kdshield.models.adapters import AdapterConfig
+from kdshield.training.loop import TrainConfig
+from kdshield.threat import AttackConfig
+logging.basicConfig(level=logging.INFO)
+task = load_task("rotten-tomatoes", seed=0, n_proxy=2000, n_train=2000, n_dev=300, n_test=1000, max_chars=1000)
+pdir = Path("runs/bench/smollm2-135m-rotten-tomatoes-rotten-tomatoes-s0/poisoned-badnet-clean")
+ctx = DefenseContext(student=str(pdir / "model"), task=task, output_dir=Path("/tmp/exp/rap"), victim_dir=pdir / "lora" / "train",
+                     train=TrainConfig(epochs=2, lr=2e-4, batch_size=16, max_length=64, seed=0), adapter=AdapterConfig(kind="lora", r=8),
+                     attack=AttackConfig(attack="badnet"))
+for lr in map(float, sys.argv[1:]):
+    res = DEFENSES.get("rap")().run(ctx, RapConfig(step="normalized", lr=lr))
+    d = res.detection
+    print("RESULT", lr, d["far"], d["frr"], d.get("threshold"), flush=True)
