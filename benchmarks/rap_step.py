@@ -5,14 +5,17 @@
 Reuses the plain-LoRA victim that ``bench_embedded.py --attacks badnet --methods lora`` trained (run that
 first); the plain-step row (lr 0.01) is the ``rap`` record in results/embedded.jsonl.
 """
-import logging, sys, json
+import logging
+import sys
 from pathlib import Path
+
 from kdshield.data import load_task
-from kdshield.defenses import DefenseContext, DEFENSES
+from kdshield.defenses import DEFENSES, DefenseContext
 from kdshield.defenses.rap import RapConfig
 from kdshield.models.adapters import AdapterConfig
-from kdshield.training.loop import TrainConfig
 from kdshield.threat import AttackConfig
+from kdshield.training.loop import TrainConfig
+
 logging.basicConfig(level=logging.INFO)
 task = load_task("rotten-tomatoes", seed=0, n_proxy=2000, n_train=2000, n_dev=300, n_test=1000, max_chars=1000)
 pdir = Path("runs/bench/smollm2-135m-rotten-tomatoes-rotten-tomatoes-s0/poisoned-badnet-clean")
