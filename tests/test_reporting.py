@@ -292,3 +292,19 @@ def test_clean_model_grid_to_report_on_tiny_models(tiny_llama_dir, tiny_bert_dir
     text = write_report(records, tmp_path / "report").read_text()
     assert "| w2s (clean model) |" in text and "never poisoned (floor)" in text
     assert [p.stat().st_size > 5000 for p in (tmp_path / "report").glob("bars_*.png")] == [True]
+
+
+def test_bench_summary_removal_uses_the_same_poisoning():
+    from kdshield.bench import summary_rows
+
+    base = dict(dataset="d", student="s", attack="badnet", seed=0)
+    records = [
+        {**base, "method": "lora", "poisoned_model": False, "asr": 0.2, "clean_label": True},
+        {**base, "method": "none", "poisoned_model": True, "asr": 1.0, "clean_label": True},
+        {**base, "method": "none", "poisoned_model": True, "asr": 0.6, "clean_label": False},
+        {**base, "method": "w2s", "poisoned_model": True, "asr": 0.2, "clean_label": True},
+        {**base, "method": "w2s", "poisoned_model": True, "asr": 0.4, "clean_label": False},
+    ]
+    rows = summary_rows(records)
+    assert rows[3]["removal"] == pytest.approx(1.0)  # (1.0 - 0.2) / (1.0 - 0.2)
+    assert rows[4]["removal"] == pytest.approx(0.5)  # (0.6 - 0.4) / (0.6 - 0.2), the dirty-label model

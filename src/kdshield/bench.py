@@ -237,14 +237,16 @@ def summary_rows(records: list[dict]) -> list[dict]:
     """Rows of (dataset, attack, method) with CA, ASR and the removal ratio against the floor."""
     floors = {(r["dataset"], r["student"], r["attack"], r["seed"]): r["asr"] for r in records
               if r.get("poisoned_model") is False and r.get("asr") is not None}
-    poisoned = {(r["dataset"], r["student"], r["attack"], r["seed"]): r["asr"] for r in records
-                if r.get("method") == "none" and r.get("poisoned_model")}
+    # The poisoned reference is the same attack's model with the same poisoning (clean- or dirty-label).
+    poisoned = {(r["dataset"], r["student"], r["attack"], r["seed"], r.get("clean_label")): r["asr"]
+                for r in records if r.get("method") == "none" and r.get("poisoned_model")}
     rows = []
     for r in records:
         key = (r.get("dataset"), r.get("student"), r.get("attack"), r.get("seed"))
+        pkey = (*key, r.get("clean_label"))
         ratio = None
-        if r.get("poisoned_model") and r.get("asr") is not None and key in floors and key in poisoned:
-            ratio = removal_ratio(poisoned[key], r["asr"], floors[key])
+        if r.get("poisoned_model") and r.get("asr") is not None and key in floors and pkey in poisoned:
+            ratio = removal_ratio(poisoned[pkey], r["asr"], floors[key])
         rows.append({"dataset": r.get("dataset"), "attack": r.get("attack"),
                      "method": r.get("method") + ("" if r.get("poisoned_model") else " (never poisoned)"),
                      "ca": r.get("ca"), "asr": r.get("asr"), "removal": ratio, "wall_s": r.get("wall_s"),
