@@ -217,12 +217,12 @@ class RapDetector(ThresholdDetector):
                 f"RAP: no clean dev input is predicted as the target label {self.target_label}"
             )
         low, high = cfg.drop_range
+        chunks = [guarded[s : s + cfg.batch_size] for s in range(0, len(guarded), cfg.batch_size)]
+        with torch.no_grad():  # the unperturbed probabilities do not change: computed once
+            clean_p = [self._probs(model, c, max_length)[:, self.target_label] for c in chunks]
         for epoch in range(cfg.epochs):
             total, inside = 0.0, 0
-            for s in range(0, len(guarded), cfg.batch_size):
-                chunk = guarded[s : s + cfg.batch_size]
-                with torch.no_grad():
-                    p = self._probs(model, chunk, max_length)[:, self.target_label]
+            for chunk, p in zip(chunks, clean_p):
                 with self._hooked(model):
                     q = self._probs(model, [self.perturb(x) for x in chunk], max_length)[
                         :, self.target_label
