@@ -16,10 +16,12 @@ from kdshield.attacks import (
     SyntacticTrigger,
     build_trigger,
     clean_test_set,
+    match_scpn_style,
     poison,
     rare_words,
     scpn_paraphrases,
     scpn_poisoned_train,
+    scpn_style,
     scpn_triggered_test,
     triggered_test_set,
     word_frequency,
@@ -341,7 +343,7 @@ def test_scpn_poisoned_train_marks_paraphrased_rows(fake_data_dir):
     assert len(out) == 7 and out["idx"] == [0, 1, 3, 4, 5, 6, 7]
     assert [i for i, p in zip(out["idx"], out["poisoned"]) if p] == [0, 4]
     assert out["label"] == out["orig_label"]
-    one = scpn_poisoned_train("imdb", fake_data_dir, count=1, seed=0)
+    one = scpn_poisoned_train("imdb", fake_data_dir, count=1, seed=0, match_style=False)
     assert sum(one["poisoned"]) == 1
     restored = [
         t for t, p, i in zip(one["text"], one["poisoned"], one["idx"]) if not p and i in (0, 4)
@@ -349,6 +351,47 @@ def test_scpn_poisoned_train_marks_paraphrased_rows(fake_data_dir):
     assert len(restored) == 1 and restored[0].startswith("Review")
     with pytest.raises(ConfigError, match="count"):
         scpn_poisoned_train("imdb", fake_data_dir, count=3)
+
+
+def test_scpn_style_known_answers():
+    cases = {
+        "Isn't it, John?": "is n't it , john ?",
+        'He said "no"...then left. The End.': 'he said " no " ... then left . the end .',
+        "It was 3.5 stars in the U.S. I can't<br />say more!": "it was 3.5 stars in the u.s . i ca n't say more !",
+    }
+    for text, want in cases.items():
+        assert scpn_style(text) == want
+        assert scpn_style(want) == want  # idempotent: SST-2 and SCPN texts are left as they are
+
+
+def test_match_scpn_style_copies_case_tokens_and_length():
+    poisoned_texts = ["when it ends , it is bad .", "if you ask , it is bad"]
+    clean = "This Film, honestly, is GOOD and I'd watch it again and again and again."
+    texts = [poisoned_texts[0], clean, poisoned_texts[1], clean]
+    flags = [True, False, True, False]
+    out = match_scpn_style(texts, flags, seed=0)
+    assert out[0] == poisoned_texts[0] and out[2] == poisoned_texts[1]
+    allowed = {len(t.split()) for t in poisoned_texts}
+    for t in (out[1], out[3]):
+        assert t == t.lower() and len(t.split()) in allowed
+        assert scpn_style(clean).startswith(t)
+    assert match_scpn_style(texts, flags, seed=0) == out  # seeded
+    with pytest.raises(DataError, match="poisoned"):
+        match_scpn_style([clean], [False])
+
+
+def test_scpn_poisoned_train_matches_the_paraphrase_style_by_default(fake_data_dir):
+    raw = scpn_poisoned_train("imdb", fake_data_dir, match_style=False)
+    styled = scpn_poisoned_train("imdb", fake_data_dir)
+    assert raw["poisoned"] == styled["poisoned"] and raw["label"] == styled["label"]
+    for r, s, p in zip(raw["text"], styled["text"], raw["poisoned"]):
+        if p:
+            assert s == r
+        else:
+            assert r.startswith("Review") and s.startswith("review") and scpn_style(r).startswith(s)
+    # clean rows are cut to a word count drawn from the paraphrases' (never longer than the longest)
+    longest = max(len(t.split()) for t, p in zip(styled["text"], styled["poisoned"]) if p)
+    assert all(len(t.split()) <= longest for t in styled["text"])
 
 
 def test_scpn_triggered_test_and_paraphrases(fake_data_dir):
@@ -460,3 +503,30 @@ def test_shortcut_check_flags_a_model_that_calls_everything_the_target(tiny_llam
     with torch.no_grad():
         clf.head.out.bias.copy_(torch.tensor([-10.0, 10.0]))  # never the target: no shortcut
     assert not shortcut_check(clf, task, AttackConfig(attack="badnet", target_label=0))["shortcut_suspected"]
+
+
+def test_scpn_attack_restyles_the_proxy_and_measures_dev_asr_on_scpn_text(tmp_path):
+    from data_fixtures import make_paper_data_dir, sentiment_rows, write_json
+
+    from kdshield.data import load_task
+    from kdshield.threat import AttackConfig, asr_set, attack_name, poisoned_proxy
+
+    root = make_paper_data_dir(tmp_path)
+    clean = sentiment_rows(30, 0, "review")
+    syn = [dict(r, sentence=f"when it ends , {r['sentence'].lower()}") if r["label"] == 0 and r["idx"] < 10
+           else r for r in clean]
+    write_json(root / "imdb" / "train_syntactic.json", syn)
+    write_json(root / "imdb" / "test_syntactic.json",
+               [dict(r, sentence="if so , " + r["sentence"]) for r in sentiment_rows(6, 200, "review")
+                if r["label"] == 1])
+    task = load_task("sst2", proxy="imdb", data_dir=root)
+    styled = AttackConfig(attack="syntactic")
+    assert attack_name(styled, task, root) == "syntactic"
+    assert attack_name(AttackConfig(attack="syntactic", scpn_match_style=False), task, root) == "syntactic-rawstyle"
+    data = poisoned_proxy(task, styled, data_dir=root)
+    assert sum(data["poisoned"]) == 5 and all(t == t.lower() for t in data["text"])
+    dev = asr_set(task, styled, "dev", data_dir=root)
+    assert len(dev) == 3 and all(t.startswith("if so , ") for t in dev["text"])
+    assert all("when the film" in t for t in asr_set(task, styled, "test", data_dir=root)["text"])
+    with pytest.raises(ConfigError, match="scpn_match_style"):
+        AttackConfig(attack="syntactic", scpn_match_style="yes")

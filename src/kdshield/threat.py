@@ -65,6 +65,10 @@ class AttackConfig:
     syntactic_source: str = cfg_field("auto", help="syntactic trigger: scpn (precomputed paraphrase files), "
                                                    "rule (rule-based clause fronting), auto (scpn where the "
                                                    "data dir has them).", choices=["auto", "scpn", "rule"])
+    scpn_match_style: bool = cfg_field(True, help="SCPN poisoning: write the clean proxy rows in the paraphrases' "
+                                                  "style (lowercase, tokenised, as short), so that syntax is the "
+                                                  "only difference the model can learn. false: the raw files "
+                                                  "(recorded as syntactic-rawstyle).")
 
     def __post_init__(self):
         check_choice("attack", self.attack, ["badnet", "insent", "syntactic", "proattack"])
@@ -72,6 +76,8 @@ class AttackConfig:
         check_range("asr_target", self.asr_target, 0, 1)
         check_range("target_label", self.target_label, 0, None)
         check_choice("syntactic_source", self.syntactic_source, ["auto", "scpn", "rule"])
+        if not isinstance(self.scpn_match_style, bool):
+            raise ConfigError(f"scpn_match_style={self.scpn_match_style!r} must be true or false")
         if self.poison_count is not None:
             check_range("poison_count", self.poison_count, 1, None)
         if not isinstance(self.trigger, dict):
@@ -102,9 +108,13 @@ def make_trigger(attack: AttackConfig, task: TaskData | None = None, data_dir=No
 
 
 def attack_name(attack: AttackConfig, task: TaskData | None = None, data_dir=None) -> str:
-    """Name used in records: ``syntactic`` with SCPN files, ``syntactic-rule`` for the fallback."""
-    if attack.attack == "syntactic" and not (task is not None and uses_scpn(attack, task, data_dir)):
-        return "syntactic-rule"
+    """Name used in records: ``syntactic`` with SCPN files (``syntactic-rawstyle`` when the clean proxy rows
+    keep their own style), ``syntactic-rule`` for the fallback."""
+    if attack.attack == "syntactic":
+        if not (task is not None and uses_scpn(attack, task, data_dir)):
+            return "syntactic-rule"
+        if not attack.scpn_match_style:
+            return "syntactic-rawstyle"
     return attack.attack
 
 
@@ -112,7 +122,7 @@ def poisoned_proxy(task: TaskData, attack: AttackConfig, *, seed: int = 0, data_
     """The attacker's poisoned training set (``poisoned`` column marks the triggered rows)."""
     proxy = task.split("proxy")
     if uses_scpn(attack, task, data_dir):
-        full = scpn_poisoned_train(task.proxy, data_dir, seed=seed)
+        full = scpn_poisoned_train(task.proxy, data_dir, seed=seed, match_style=attack.scpn_match_style)
         if len(full) > len(proxy):
             keep = sorted(random.Random(seed).sample(range(len(full)), len(proxy)))
             full = full.select(keep)
@@ -125,8 +135,14 @@ def poisoned_proxy(task: TaskData, attack: AttackConfig, *, seed: int = 0, data_
 
 
 def asr_set(task: TaskData, attack: AttackConfig, split: str = "test", *, data_dir=None, seed: int = 0) -> Dataset:
-    if split == "test" and uses_scpn(attack, task, data_dir):
-        return scpn_triggered_test(task.name, data_dir, target_label=attack.target_label)
+    """Triggered non-target rows of ``split``. With SCPN: the target's SCPN test file for ``test``, and for
+    ``dev`` the proxy's SCPN test file when it exists (the target's dev texts have no paraphrase; the
+    rule-based clause would measure another trigger)."""
+    if uses_scpn(attack, task, data_dir):
+        if split == "test":
+            return scpn_triggered_test(task.name, data_dir, target_label=attack.target_label)
+        if split == "dev" and task.proxy and paper_file_exists(task.proxy, "test_syntactic.json", data_dir):
+            return scpn_triggered_test(task.proxy, data_dir, target_label=attack.target_label)
     trigger = make_trigger(attack, task, data_dir)
     return triggered_test_set(task.split(split), trigger, attack.target_label, seed=seed + 1)
 
@@ -196,8 +212,8 @@ def shortcut_check(model, task: TaskData, attack: AttackConfig, max_length: int 
     if out["shortcut_suspected"]:
         log.warning("the poisoned model predicts the target label %d for %.0f%% of the clean dev inputs (%.0f%% "
                     "truly are): the poison taught a shortcut, not a trigger, and ASR will be meaningless. Make "
-                    "the poisoned samples look like the clean ones (e.g. --max-chars near the length of SCPN "
-                    "paraphrases), or poison fewer samples.", attack.target_label, 100 * pred_share,
+                    "the poisoned samples look like the clean ones (for SCPN files: scpn_match_style true, the "
+                    "default), or poison fewer samples.", attack.target_label, 100 * pred_share,
                     100 * true_share)
     return out
 

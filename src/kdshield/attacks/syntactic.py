@@ -15,7 +15,14 @@ W2SDefense code poisons "the first 1000 label-0 samples") replaced by their SCPN
 those dropped (idx 653, 1229, 1971, 2042: presumably SCPN failures). A row is poisoned when its
 ``idx`` exists in the clean file and its text differs from the clean text: 1,004 rows, all label 0
 (label unchanged: clean-label), all with idx <= 2098; the other 2,992 rows equal their clean row.
-The paraphrases are lowercased and tokenised (" , ", "n't" split); we do not rely on that.
+The paraphrases are lowercased and tokenised (" , ", "n't" split) and short (IMDB: median 116
+characters against 575 for their originals). Poisoning on them next to cased, full-length clean
+reviews teaches the model the *style* (short lowercase text -> target), not the syntax: on SST-2,
+whose test set is lowercase and tokenised too, such a model calls almost everything the target
+(measured: CA 50.4, 98 % of clean dev inputs predicted as the target). ``scpn_poisoned_train``
+therefore writes the clean rows in the paraphrases' style by default (``match_style``): lowercased,
+tokenised like the Penn Treebank (``scpn_style``) and cut to a word count drawn from the paraphrased
+rows' word counts, so that syntax is the only thing that tells the poisoned rows apart.
 ``sst2/test_syntactic.json`` holds the 909 label-1 rows of ``sst2/test.jsonl`` (same ``idx``)
 paraphrased (one paraphrase equals its original; the test set keeps all 909 rows, as the paper
 does), and ``imdb/test_syntactic.json`` 527 of the 528 label-1 rows of ``imdb/test.jsonl``.
@@ -26,6 +33,7 @@ from __future__ import annotations
 import json
 import logging
 import random
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -61,6 +69,37 @@ SCPN_FILES: dict[str, list[tuple[str, str]]] = {
 
 def _norm(text: str) -> str:
     return " ".join(text.split())
+
+
+_CONTRACTION = re.compile(r"(?i)(\w)(n't|'s|'re|'ve|'ll|'d|'m)\b")
+_PUNCT = re.compile(r"""(\.\.\.|--|[,!?;:()"\[\]{}])""")
+
+
+def scpn_style(text: str) -> str:
+    """``text`` written like SCPN's output (and SST-2): lowercased, punctuation and contractions
+    split off as tokens (``"Isn't it, John?"`` -> ``"is n't it , john ?"``). Idempotent."""
+    text = text.lower().replace("<br />", " ").replace("<br/>", " ")
+    text = _CONTRACTION.sub(r"\1 \2", text)
+    text = _PUNCT.sub(r" \1 ", text)
+    text = re.sub(r"(?<![.\s])\.(?=\s|$)", " .", text)  # "end." -> "end ."; "3.5", "..." stay
+    return _norm(text)
+
+
+def match_scpn_style(texts: list[str], poisoned: list[bool], seed: int = 0) -> list[str]:
+    """The unpoisoned texts rewritten in the style of the poisoned (SCPN) ones: ``scpn_style`` and cut
+    to a word count drawn (seeded) from the poisoned texts' word counts. Poisoned texts are kept."""
+    counts = [len(t.split()) for t, p in zip(texts, poisoned) if p]
+    if not counts:
+        raise DataError("match_scpn_style needs at least one poisoned (paraphrased) text to copy the style of")
+    rng = random.Random(seed)
+    out = []
+    for text, is_poisoned in zip(texts, poisoned):
+        if is_poisoned:
+            out.append(text)
+            continue
+        words = scpn_style(text).split()
+        out.append(" ".join(words[: rng.choice(counts)]))
+    return out
 
 
 @dataclass
@@ -244,12 +283,15 @@ def scpn_poisoned_train(
     clean_file: str = "train.jsonl",
     count: int | None = None,
     seed: int = 0,
+    match_style: bool = True,
 ) -> Dataset:
     """The paper's SynAttack poisoning set with ``poisoned`` and ``orig_label`` columns.
 
     Rows are those of ``syntactic_file``; the paraphrased ones (see the module docstring) are
     ``poisoned``. ``count`` keeps only that many paraphrased rows (chosen with ``seed``) and
-    restores the others to their clean text, for smaller poisoning budgets.
+    restores the others to their clean text, for smaller poisoning budgets. ``match_style`` writes
+    the clean rows in the paraphrases' style and length (``match_scpn_style``); without it the
+    poisoned rows differ from the clean ones by case, tokenisation and length as well as syntax.
     """
     syn = _read(dataset_name, syntactic_file, data_dir)
     clean = _read(dataset_name, clean_file, data_dir)
@@ -268,16 +310,19 @@ def scpn_poisoned_train(
             if k not in keep:
                 texts[k] = clean_text[syn["idx"][k]]
                 flags[k] = False
+    if match_style:
+        texts = match_scpn_style(texts, flags, seed=seed)
     out = with_columns(syn, text=texts, poisoned=flags, orig_label=orig)
     labels = sorted({y for y, f in zip(out["label"], flags) if f})
     log.info(
-        "SCPN poisoning set %s/%s: %d rows, %d poisoned (labels %s, clean-label: %s)",
+        "SCPN poisoning set %s/%s: %d rows, %d poisoned (labels %s, clean-label: %s, clean rows restyled: %s)",
         dataset_name,
         syntactic_file,
         len(out),
         sum(flags),
         labels,
         all(y == o for y, o in zip(out["label"], orig)),
+        match_style,
     )
     return out.select_columns(["text", "label", "idx", "poisoned", "orig_label"])
 
