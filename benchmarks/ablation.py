@@ -129,7 +129,7 @@ def run_clean_methods(cfg: GridConfig, methods: list[str]) -> None:
     for student, spec, seed in blocks:
         name, proxy = _split_dataset(spec)
         task = load_task(name, proxy=proxy, data_dir=cfg.data_dir, seed=seed, n_proxy=cfg.n_proxy,
-                         n_train=cfg.n_train, n_dev=cfg.n_dev, n_test=cfg.n_test)
+                         n_train=cfg.n_train, n_dev=cfg.n_dev, n_test=cfg.n_test, max_chars=cfg.max_chars)
         proxy_name = task.proxy or name
         work = Path(cfg.work_dir) / f"{Path(student).name}-{name}-{proxy_name}-s{seed}"
         train = TrainConfig(epochs=cfg.epochs, lr=cfg.lr, batch_size=cfg.batch_size,
@@ -137,7 +137,8 @@ def run_clean_methods(cfg: GridConfig, methods: list[str]) -> None:
         common = dict(dataset=name, proxy=proxy_name, student=student, adapter=cfg.adapter,
                       seed=seed, tag=cfg.tag, n_train=len(task.split("train")),
                       n_test=len(task.split("test")))
-        adapter = AdapterConfig(kind=cfg.adapter, r=cfg.lora_r)
+        adapter = AdapterConfig(kind=cfg.adapter, r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
+                                target_modules=list(cfg.lora_targets))
         block = _Block(runner, task, work, adapter, train, common)
         for att in cfg.attacks:
             attack = AttackConfig(attack=att, clean_label=cfg.clean_label,
