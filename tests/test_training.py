@@ -152,3 +152,24 @@ def test_two_process_path_on_cpu(tiny_llama_dir, tmp_path):
     code = f"from tests.test_training import run_two_process; run_two_process({str(tiny_llama_dir)!r}, {str(tmp_path)!r})"
     proc = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def test_load_trained_weights_restores_the_selected_run(tiny_llama_dir, toy_dataset, tmp_path):
+    from kdshield.training.loop import load_trained_weights
+
+    scores = iter([0.9, 0.1])
+    clf = _model(tiny_llama_dir)
+    train(clf, toy_dataset(32), TrainConfig(epochs=2, lr=1e-2, batch_size=8, precision="fp32"),
+          eval_fn=lambda m: {"score": next(scores)}, output_dir=tmp_path / "run")
+    fresh = _model(tiny_llama_dir)
+    assert any(not torch.equal(p, _weights(clf)[n]) for n, p in _weights(fresh).items())
+    path = load_trained_weights(fresh, tmp_path / "run")
+    assert path.endswith("best.safetensors")
+    assert all(torch.equal(p, _weights(clf)[n]) for n, p in _weights(fresh).items())  # the epoch-1 weights
+    last = _model(tiny_llama_dir)
+    load_trained_weights(last, tmp_path / "run", which="last")
+    assert any(not torch.equal(p, _weights(clf)[n]) for n, p in _weights(last).items())
+    with pytest.raises(FileNotFoundError, match="no trained weights"):
+        load_trained_weights(_model(tiny_llama_dir), tmp_path / "nothing")
+    with pytest.raises(ValueError, match="which"):
+        load_trained_weights(fresh, tmp_path / "run", which="first")

@@ -161,6 +161,22 @@ def _load_trainable(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> N
             params[n].copy_(v.to(params[n].device, params[n].dtype))
 
 
+def load_trained_weights(model: torch.nn.Module, train_dir: str | Path, which: str = "best") -> str:
+    """Load the trainable weights a finished ``train(..., output_dir=train_dir)`` left in its checkpoint
+    (``best``: the selected weights, which ``train`` returns; falls back to ``last`` when training did
+    not select). ``model`` must carry the same adapter. Returns the file loaded (safetensors only)."""
+    ckpt = Path(train_dir) / "checkpoint"
+    names = {"best": ["best.safetensors", "trainable.safetensors"], "last": ["trainable.safetensors"]}
+    if which not in names:
+        raise ValueError(f"which={which!r}: use best or last")
+    for name in names[which]:
+        if (ckpt / name).is_file():
+            _load_trainable(model, load_file(str(ckpt / name)))
+            return str(ckpt / name)
+    raise FileNotFoundError(f"{ckpt} holds no trained weights (expected {names[which][0]}); "
+                            "is train_dir the 'train' folder of a finished run?")
+
+
 class Checkpointer:
     """Atomic checkpoints in ``dir/checkpoint``: a new one is complete before the old one goes."""
 
