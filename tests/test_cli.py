@@ -121,6 +121,21 @@ def test_bench_grid_resume_recomputes_nothing(tiny_llama_dir, toy_csv, tmp_path,
     assert len((tmp_path / "r.jsonl").read_text().splitlines()) == 3
 
 
+def test_bench_records_the_adapter_a_defense_trained(tiny_llama_dir, tiny_bert_dir, toy_csv, tmp_path):
+    import kdshield.bench as bench
+
+    cfg = bench.GridConfig(students=[str(tiny_llama_dir)], datasets=[str(toy_csv)], attacks=["badnet"],
+                           methods=["lora", "w2s"], n_proxy=None, n_train=None, n_dev=None, n_test=None,
+                           poison_epochs=1, epochs=1, batch_size=8, lora_r=4, floor=False,
+                           method_config={"w2s": {"teacher": str(tiny_bert_dir), "teacher_epochs": 1,
+                                                  "epochs": 1, "lora_r": 6, "lora_alpha": 12.0}},
+                           work_dir=str(tmp_path / "w"), out=str(tmp_path / "r.jsonl"))
+    recs = {r["method"]: r for r in bench.run_grid(cfg)}
+    assert recs["lora"]["config"]["adapter"]["r"] == 4
+    assert recs["w2s"]["config"]["adapter"]["r"] == 6 and recs["w2s"]["config"]["adapter"]["lora_alpha"] == 12.0
+    assert "adapter" not in recs["w2s"]["logs"]
+
+
 def test_errors_are_clear(tmp_path, capsys):
     assert main(["finetune", "--model", str(tmp_path / "nope"), "--data", "rotten-tomatoes", "--out",
                  str(tmp_path / "o")]) == 2

@@ -61,6 +61,7 @@ def test_config_validation():
     with pytest.raises(ConfigError, match="unknown w2s preset"):
         W2SConfig.from_preset("nope")
     assert W2SConfig.from_preset("paper-badnet").alpha == 5.0
+    assert W2SConfig() == W2SConfig.from_preset("embedded")  # the defaults are the tuned embedded preset
     with pytest.raises(ConfigError, match="w2s.lora_r"):
         W2SConfig(lora_r=0)
 
@@ -127,6 +128,7 @@ def test_w2s_end_to_end_tiny(tiny_llama_dir, tiny_bert_dir, toy_dataset, tmp_pat
                                      lora_alpha=12.0))
     assert res.trainable_params > 0 and res.wall_s > 0
     assert res.model.adapter_spec["config"]["r"] == 6  # the defense's own rank, not --adapter.r
+    assert res.logs["adapter"]["r"] == 6 and res.logs["adapter"]["lora_alpha"] == 12.0  # recorded as trained
     assert res.logs["train"]["steps"] == 12
     metrics = evaluate_model(res.model, task, None)
     assert 0.0 <= metrics["ca"] <= 1.0

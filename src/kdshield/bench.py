@@ -192,12 +192,14 @@ class _Block:
             for which, ds in (res.logs.get("eval_sets") or {}).items():
                 metrics.update(_eval_replacement(res.model, ds, which, attack, cfg.max_length))
         det = res.detection or {}
+        # a defense with its own adapter settings (w2s.lora_r) reports the adapter it trained
+        adapter_used = res.logs.pop("adapter", None) or config_to_dict(self.adapter)
         rec = make_record("bench", method, **fields, ca=metrics["ca"], asr=metrics.get("asr"), far=det.get("far"),
                           frr=det.get("frr"), curve=det.get("curve"), wall_s=round(res.wall_s, 1),
                           eval_s=round(time.perf_counter() - t0 - res.wall_s, 1), peak_rss_mb=round(peak_rss_mb()),
                           trainable_params=res.trainable_params, unavailable=res.unavailable,
                           config={"method": config_to_dict(mcfg), "train": config_to_dict(self.peft_train),
-                                  "adapter": config_to_dict(self.adapter)},
+                                  "adapter": adapter_used},
                           logs=_small({k: v for k, v in res.logs.items() if k != "eval_sets"}), **self.common)
         self.runner.emit(rec)
 
