@@ -57,8 +57,10 @@ def main(argv=None) -> int:
     p.add_argument("--poisoned-dir", default=None, help=f"default {WORK}/poisoned-<attack>-clean")
     p.add_argument("--before", default="lora", help="run folder (under --poisoned-dir) shown as 'before'")
     p.add_argument("--after", default="w2s", help="run folder shown as 'after'")
-    p.add_argument("--lora-r", type=int, default=8)
-    p.add_argument("--lora-alpha", type=float, default=16.0)
+    p.add_argument("--before-r", type=int, default=8, help="LoRA rank of the 'before' run (plain LoRA: 8)")
+    p.add_argument("--before-alpha", type=float, default=16.0)
+    p.add_argument("--after-r", type=int, default=16, help="LoRA rank of the 'after' run (W2SDefense default: 16)")
+    p.add_argument("--after-alpha", type=float, default=32.0)
     p.add_argument("--n", type=int, default=300, help="clean and triggered test inputs each")
     p.add_argument("--max-length", type=int, default=64)
     p.add_argument("--seed", type=int, default=0, help="the benchmark's seed (same splits)")
@@ -74,10 +76,11 @@ def main(argv=None) -> int:
     clean = list(ca_set(task, attack).shuffle(seed=a.seed)["text"][: a.n])
     trig = list(asr_set(task, attack).shuffle(seed=a.seed)["text"][: a.n])
     mask = np.array([False] * len(clean) + [True] * len(trig))
-    adapter = AdapterConfig(kind="lora", r=a.lora_r, lora_alpha=a.lora_alpha)
+    adapters = {a.before: AdapterConfig(kind="lora", r=a.before_r, lora_alpha=a.before_alpha),
+                a.after: AdapterConfig(kind="lora", r=a.after_r, lora_alpha=a.after_alpha)}
     feats = {}
     for which in (a.before, a.after):
-        f, labels = features(pdir / "model", pdir / which, adapter, clean + trig, a.max_length)
+        f, labels = features(pdir / "model", pdir / which, adapters[which], clean + trig, a.max_length)
         feats[which] = f
         hit = float(np.mean(labels[mask] == attack.target_label))
         print(f"{which}: separation {separation(f, mask):.2f}; triggered inputs predicted as the target: "
