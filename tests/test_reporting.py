@@ -304,6 +304,7 @@ def test_bench_summary_removal_uses_the_same_poisoning():
         {**base, "method": "none", "poisoned_model": True, "asr": 0.6, "clean_label": False},
         {**base, "method": "w2s", "poisoned_model": True, "asr": 0.2, "clean_label": True},
         {**base, "method": "w2s", "poisoned_model": True, "asr": 0.4, "clean_label": False},
+        {**base, "method": "w2s", "poisoned_model": False, "asr": 0.3, "clean_label": True},  # not a floor
     ]
     rows = summary_rows(records)
     assert rows[3]["removal"] == pytest.approx(1.0)  # (1.0 - 0.2) / (1.0 - 0.2)

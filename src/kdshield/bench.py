@@ -237,8 +237,11 @@ def _small(logs: dict) -> dict:
 
 def summary_rows(records: list[dict]) -> list[dict]:
     """Rows of (dataset, attack, method) with CA, ASR and the removal ratio against the floor."""
+    # The floor is plain PEFT on the never-poisoned student (other methods run on it, e.g. the clean-model
+    # W2SDefense rows, are results, not the floor).
     floors = {(r["dataset"], r["student"], r["attack"], r["seed"]): r["asr"] for r in records
-              if r.get("poisoned_model") is False and r.get("asr") is not None}
+              if r.get("poisoned_model") is False and r.get("method") == "lora"
+              and r.get("asr") is not None}
     # The poisoned reference is the same attack's model with the same poisoning (clean- or dirty-label).
     poisoned = {(r["dataset"], r["student"], r["attack"], r["seed"], r.get("clean_label")): r["asr"]
                 for r in records if r.get("method") == "none" and r.get("poisoned_model")}
