@@ -100,7 +100,9 @@ class BeDKDConfig(MEPDConfig):
                                            "punished (0 = all flagged).")
     alpha: float = cfg_field(0.3, help="Weight a of CE in a*CE + (1-a)*distillation (trust and punish).")
     temperature: float = cfg_field(2.5, help="Distillation temperature T of adversarial KD.")
-    cycles: int = cfg_field(10, help="Trust + punish cycles (official 50; 10 fits a CPU budget).")
+    cycles: int = cfg_field(10, help="Trust + punish cycles (official 50; 10 fits a CPU budget). Clean-label "
+                                     "poisoning needs more: on the embedded student the punished samples only "
+                                     "left the target after ~10 cycles and were gone by ~20 (use 30).")
     batch_size: int = cfg_field(16, help="Batch size of trust and punish distillation.")
     student_adapter: str = cfg_field("adapter", help="adapter = train the student through the shared "
                                                      "--adapter.* settings (LoRA); full = every weight.",
