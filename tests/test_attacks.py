@@ -506,10 +506,9 @@ def test_shortcut_check_flags_a_model_that_calls_everything_the_target(tiny_llam
 
 
 def test_scpn_attack_restyles_the_proxy_and_measures_dev_asr_on_scpn_text(tmp_path):
-    from tests.data_fixtures import make_paper_data_dir, sentiment_rows, write_json
-
     from kdshield.data import load_task
     from kdshield.threat import AttackConfig, asr_set, attack_name, poisoned_proxy
+    from tests.data_fixtures import make_paper_data_dir, sentiment_rows, write_json
 
     root = make_paper_data_dir(tmp_path)
     clean = sentiment_rows(30, 0, "review")
