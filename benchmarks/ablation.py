@@ -114,32 +114,19 @@ def bench_command(config: Path, section: dict, base: dict) -> str:
 def run_clean_methods(cfg: GridConfig, methods: list[str]) -> None:
     """``methods`` on the never-poisoned student, recorded like the grid's floor cells.
 
-    Mirrors the set-up of ``GridRunner._run_block`` (kdshield.bench), which runs only ``lora`` on
-    the clean student; a ``floor_methods`` option of the grid would make this function unneeded.
+    Uses the grid's own set-up (``GridRunner.make_block``: data, adapter, PEFT settings); the grid
+    runs only ``lora`` on the clean student, and a ``floor_methods`` option of the grid would make
+    this function unneeded.
     """
-    from kdshield.bench import GridRunner, _Block, _split_dataset
-    from kdshield.data import load_task
-    from kdshield.models.adapters import AdapterConfig
+    from kdshield.bench import GridRunner
     from kdshield.threat import AttackConfig, attack_name
-    from kdshield.training.loop import TrainConfig
 
     runner = GridRunner(cfg)
     blocks = ((student, spec, seed) for student in cfg.students for spec in cfg.datasets
               for seed in cfg.seeds)
     for student, spec, seed in blocks:
-        name, proxy = _split_dataset(spec)
-        task = load_task(name, proxy=proxy, data_dir=cfg.data_dir, seed=seed, n_proxy=cfg.n_proxy,
-                         n_train=cfg.n_train, n_dev=cfg.n_dev, n_test=cfg.n_test, max_chars=cfg.max_chars)
-        proxy_name = task.proxy or name
-        work = Path(cfg.work_dir) / f"{Path(student).name}-{name}-{proxy_name}-s{seed}"
-        train = TrainConfig(epochs=cfg.epochs, lr=cfg.lr, batch_size=cfg.batch_size,
-                            max_length=cfg.max_length, seed=seed)
-        common = dict(dataset=name, proxy=proxy_name, student=student, adapter=cfg.adapter,
-                      seed=seed, tag=cfg.tag, n_train=len(task.split("train")),
-                      n_test=len(task.split("test")))
-        adapter = AdapterConfig(kind=cfg.adapter, r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
-                                target_modules=list(cfg.lora_targets))
-        block = _Block(runner, task, work, adapter, train, common)
+        block = runner.make_block(student, spec, seed)
+        task, work = block.task, block.work
         for att in cfg.attacks:
             attack = AttackConfig(attack=att, clean_label=cfg.clean_label,
                                   asr_target=cfg.asr_target)

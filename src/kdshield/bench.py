@@ -107,7 +107,8 @@ class GridRunner:
         return self.records
 
     # ------------------------------------------------------------------------------------------
-    def _run_block(self, student: str, spec: str, seed: int) -> None:
+    def make_block(self, student: str, spec: str, seed: int) -> _Block:
+        """The data, work dir, adapter and PEFT settings shared by every cell of (student, dataset, seed)."""
         cfg = self.cfg
         name, proxy = _split_dataset(spec)
         task = load_task(name, proxy=proxy, data_dir=cfg.data_dir, seed=seed, n_proxy=cfg.n_proxy,
@@ -120,7 +121,12 @@ class GridRunner:
                                  max_length=cfg.max_length, seed=seed)
         common = dict(dataset=name, proxy=proxy_name, student=student, adapter=cfg.adapter, seed=seed,
                       tag=cfg.tag, n_train=len(task.split("train")), n_test=len(task.split("test")))
-        block = _Block(self, task, work, adapter, peft_train, common)
+        return _Block(self, task, work, adapter, peft_train, common)
+
+    def _run_block(self, student: str, spec: str, seed: int) -> None:
+        cfg = self.cfg
+        block = self.make_block(student, spec, seed)
+        task, work, common = block.task, block.work, block.common
         if cfg.floor:
             for att in cfg.attacks:
                 attack = AttackConfig(attack=att, clean_label=cfg.clean_label, asr_target=cfg.asr_target)
@@ -193,14 +199,14 @@ class _Block:
                 metrics.update(_eval_replacement(res.model, ds, which, attack, cfg.max_length))
         det = res.detection or {}
         # a defense with its own adapter settings (w2s.lora_r) reports the adapter it trained
-        adapter_used = res.logs.pop("adapter", None) or config_to_dict(self.adapter)
+        adapter_used = res.logs.get("adapter") or config_to_dict(self.adapter)
         rec = make_record("bench", method, **fields, ca=metrics["ca"], asr=metrics.get("asr"), far=det.get("far"),
                           frr=det.get("frr"), curve=det.get("curve"), wall_s=round(res.wall_s, 1),
                           eval_s=round(time.perf_counter() - t0 - res.wall_s, 1), peak_rss_mb=round(peak_rss_mb()),
                           trainable_params=res.trainable_params, unavailable=res.unavailable,
                           config={"method": config_to_dict(mcfg), "train": config_to_dict(self.peft_train),
                                   "adapter": adapter_used},
-                          logs=_small({k: v for k, v in res.logs.items() if k != "eval_sets"}), **self.common)
+                          logs=_small({k: v for k, v in res.logs.items() if k not in ("eval_sets", "adapter")}), **self.common)
         self.runner.emit(rec)
 
     def record_poisoned(self, poisoned, attack: AttackConfig, fields: dict) -> None:
