@@ -175,7 +175,7 @@ def test_guard_rolls_back_a_collapse(poisoned):
                                  **kw)
     bad = poisoned["suspect"].filter(lambda r: r["poisoned"]).select_columns(["text", "label"])
     punish = with_teacher_outputs(teacher, bad, **kw)
-    cfg = BeDKDConfig(cycles=2, punish_lr=1.0, punish_bound=0.0, rollback_tolerance=0.05)
+    cfg = BeDKDConfig(cycles=2, punish_lr=1.0, punish_bound=0.0, rollback_tolerance=0.05, stop_residual=0)
     student = trainable_copy(teacher, AdapterConfig(kind="full"))
     akd = AdversarialKD(student, trust, punish, task.split("dev"), cfg, lr=1e-3, max_length=32, seed=0,
                         precision="fp32", max_grad_norm=1.0)
@@ -192,8 +192,9 @@ def test_guard_rolls_back_a_collapse(poisoned):
 
 def test_bedkd_end_to_end_full_student(poisoned, tmp_path):
     ctx = _ctx(poisoned, tmp_path)
-    cfg = BeDKDConfig(**TINY, cycles=6, student_adapter="full", lr=1e-3)
+    cfg = BeDKDConfig(**TINY, cycles=6, student_adapter="full", lr=1e-3, stop_residual=0)
     res = DEFENSES.get("bedkd")().run(ctx, cfg)
+    assert not res.logs["stopped_early"] and res.logs["cycles_run"] == 6
     det = res.detection
     assert set(det) >= {"far", "frr", "flagged", "gamma"} and det["gamma"] == 0.1
     assert all(math.isfinite(det[k]) and 0 <= det[k] <= 1 for k in ("far", "frr"))
@@ -220,9 +221,26 @@ def test_bedkd_end_to_end_full_student(poisoned, tmp_path):
     assert after["asr"] < before["asr"] - 0.1, (before, after)
 
 
+def test_bedkd_stops_early_once_the_punish_samples_leave_their_label(poisoned, tmp_path, caplog):
+    """stop_residual 1 accepts the first kept cycle: the loop ends there, and a resume adds no cycle."""
+    cfg = BeDKDConfig(**TINY, cycles=6, student_adapter="full", lr=1e-3, stop_residual=1.0)
+    res = DEFENSES.get("bedkd")().run(_ctx(poisoned, tmp_path), cfg)
+    cycles = res.logs["cycles"]
+    assert res.logs["stopped_early"] and res.logs["cycles_run"] < 6
+    assert cycles[-1]["kept"] and res.logs["kept_cycle"] == cycles[-1]["cycle"]
+    assert not any(r["kept"] for r in cycles[1:-1])  # it stopped at the first kept cycle, not later
+    with caplog.at_level(logging.INFO):
+        again = DEFENSES.get("bedkd")().run(_ctx(poisoned, tmp_path, resume=True), cfg)
+    assert "no more cycles" in caplog.text
+    assert [r["cycle"] for r in again.logs["cycles"]] == [r["cycle"] for r in cycles]
+    # stop_residual 0 runs every cycle (the end-to-end test above)
+    with pytest.raises(ConfigError, match="stop_residual"):
+        BeDKDConfig(stop_residual=1.5)
+
+
 def test_bedkd_lora_student_and_resume(poisoned, tmp_path, caplog):
     ctx = _ctx(poisoned, tmp_path)
-    fast = TINY | {"dmm_epochs": 4}  # detection quality is not what this test is about
+    fast = TINY | {"dmm_epochs": 4, "stop_residual": 0}  # detection quality is not what this test is about
     cfg = BeDKDConfig(**fast, cycles=2)
     res = DEFENSES.get("bedkd")().run(ctx, cfg)
     assert res.model.adapter_spec is not None and res.logs["student_adapter"] == "lora"

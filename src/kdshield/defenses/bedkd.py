@@ -5,7 +5,7 @@ found poisoned samples.
     kdshield defend --method bedkd --student runs/poisoned/model --data rotten-tomatoes --suspect suspect.jsonl
 
     from kdshield.defenses import DEFENSES
-    result = DEFENSES.get("bedkd")().run(ctx, BeDKDConfig(cycles=10))
+    result = DEFENSES.get("bedkd")().run(ctx, BeDKDConfig(cycles=30))
 
 Implemented from the paper summary and DESIGN.md (the official repo is incomplete). Choices:
 
@@ -18,8 +18,11 @@ Implemented from the paper summary and DESIGN.md (the official repo is incomplet
   ``lr`` defaults to the official 3e-5 for a full student and to ``--train.lr`` for an adapter
   (3e-5 barely moves a LoRA adapter).
 - **Cycle** = one epoch of trust distillation (``a*CE + (1-a)*distill``, minimised), then one epoch
-  of punish distillation (the same loss, maximised). Official: 50 cycles; the default here is 10,
-  which fits a CPU budget on the embedded 135M student (~1 min per LoRA cycle on 2 cores).
+  of punish distillation (the same loss, maximised). Official: 50 cycles. Here at most ``cycles``
+  (30), and the loop **stops early** after the first kept cycle that leaves at most
+  ``stop_residual`` of the punish samples on their label: the backdoor's samples are gone and more
+  ascent only pushes the trigger further past the clean behaviour. On the embedded 135M student
+  (~1 min per LoRA cycle on 2 cores) InSent was gone after ~10 cycles, clean-label BadNet after ~21.
 - **Guard.** The ascent is a per-sample hinge: a sample stops being pushed once its loss exceeds
   ``punish_bound`` (the push is bounded, the features cannot run off to infinity). Punish steps
   have their own optimizer and learning rate, and gradients are clipped (``--train.max-grad-norm``).
@@ -100,9 +103,12 @@ class BeDKDConfig(MEPDConfig):
                                            "punished (0 = all flagged).")
     alpha: float = cfg_field(0.3, help="Weight a of CE in a*CE + (1-a)*distillation (trust and punish).")
     temperature: float = cfg_field(2.5, help="Distillation temperature T of adversarial KD.")
-    cycles: int = cfg_field(10, help="Trust + punish cycles (official 50; 10 fits a CPU budget). Clean-label "
-                                     "poisoning needs more: on the embedded student the punished samples only "
-                                     "left the target after ~10 cycles and were gone by ~20 (use 30).")
+    cycles: int = cfg_field(30, help="Most trust + punish cycles (official 50). Clean-label poisoning needs "
+                                     "many: on the embedded student the punished samples only left the target "
+                                     "after ~10 cycles and were gone by ~20; see stop_residual.")
+    stop_residual: float = cfg_field(0.05, help="Stop early after a kept cycle (within select_tolerance of the "
+                                                "suspect's dev accuracy) that leaves at most this share of the "
+                                                "punish samples on their label (0 = run every cycle).")
     batch_size: int = cfg_field(16, help="Batch size of trust and punish distillation.")
     student_adapter: str = cfg_field("adapter", help="adapter = train the student through the shared "
                                                      "--adapter.* settings (LoRA); full = every weight.",
@@ -128,6 +134,7 @@ class BeDKDConfig(MEPDConfig):
         check_range("alpha", self.alpha, 0, 1)
         check_range("temperature", self.temperature, 0, 100, lo_open=True)
         check_range("cycles", self.cycles, 1, 10_000)
+        check_range("stop_residual", self.stop_residual, 0, 1)
         check_range("batch_size", self.batch_size, 1, 65536)
         check_choice("student_adapter", self.student_adapter, ["adapter", "full"])
         if self.lr is not None:
@@ -259,6 +266,14 @@ class AdversarialKD:
             return new["residual"] < old["residual"]
         return new["dev_acc"] >= old["dev_acc"]  # later wins a full tie: more trust distillation
 
+    def _done(self) -> bool:
+        """Early stop: the kept state (past cycle 0) keeps dev accuracy and has moved the punish samples off
+        their label."""
+        kept, cfg = self.kept, self.config
+        return (cfg.stop_residual > 0 and kept["cycle"] > 0 and kept["residual"] is not None
+                and kept["residual"] <= cfg.stop_residual
+                and kept["dev_acc"] >= self.start["dev_acc"] - cfg.select_tolerance)
+
     def run(self, resume: bool = False) -> list[dict]:
         cfg = self.config
         if not (resume and self._load_checkpoint()):
@@ -268,6 +283,12 @@ class AdversarialKD:
             self.history = [dict(self.kept, kept=True)]
             log.info("AKD start: dev acc %.4f, punish samples on their label %s", self.kept["dev_acc"],
                      self.kept["residual"])
+        if self._done():
+            log.info("AKD: the kept cycle %d already leaves %s of the punish samples on their label "
+                     "(stop_residual %g): no more cycles", self.kept["cycle"], self.kept["residual"],
+                     cfg.stop_residual)
+            _load_state(self.student, self.kept_state)
+            return self.history
         bar = tqdm(range(self.start_cycle, cfg.cycles + 1), desc="BeDKD cycles", initial=self.start_cycle - 1,
                    total=cfg.cycles, mininterval=5)
         for cycle in bar:
@@ -293,6 +314,10 @@ class AdversarialKD:
             bar.set_postfix(dev=f"{row['dev_acc']:.3f}", res=row["residual"], refresh=False)
             log.info("cycle %d: %s", cycle, {k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()})
             self._save_checkpoint(cycle)
+            if row["kept"] and self._done():
+                log.info("cycle %d leaves %.4g of the punish samples on their label (<= stop_residual %g) "
+                         "with dev accuracy kept: stopping early", cycle, row["residual"], cfg.stop_residual)
+                break
         bar.close()
         _load_state(self.student, self.kept_state)
         log.info("AKD done: kept cycle %d (dev acc %.4f, punish samples on their label %s)", self.kept["cycle"],
@@ -381,7 +406,8 @@ class BeDKD(Defense):
             student.eval()
         summary = detection.summary()
         logs = {"cycles": history, "kept_cycle": akd.kept["cycle"], "kept_dev_acc": akd.kept["dev_acc"],
-                "kept_residual": akd.kept["residual"], "rollbacks": sum(bool(r.get("rolled_back")) for r in history),
+                "kept_residual": akd.kept["residual"], "cycles_run": history[-1]["cycle"],
+                "stopped_early": history[-1]["cycle"] < config.cycles, "rollbacks": sum(bool(r.get("rolled_back")) for r in history),
                 "n_trust": len(trust), "n_punish": len(punish), "lr": lr, "student_adapter": adapter.kind,
                 "detection": summary, "suspect_source": source}
         detection_out = {"far": summary["far"], "frr": summary["frr"], "flagged": summary["flagged"],
