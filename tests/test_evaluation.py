@@ -57,3 +57,17 @@ def test_records_roundtrip_and_truncated_last_line(tmp_path):
     with pytest.raises(ValueError, match="fraction"):
         make_record("x", "y", ca=1.5)
     assert json.loads(path.read_text().splitlines()[0])["method"] == "w2s"
+
+
+def test_peak_rss_window_resets_on_linux():
+    from kdshield.evaluation import peak_rss_mb, reset_peak_rss
+
+    block = np.ones(200 * 2**20, dtype=np.uint8)  # 200 MB, touched
+    high = peak_rss_mb()
+    del block
+    if not reset_peak_rss():
+        pytest.skip("this OS cannot reset the peak-memory mark; peak_rss_mb is the process peak")
+    assert peak_rss_mb() < high - 150  # the 200 MB block belongs to the previous window
+    block = np.ones(100 * 2**20, dtype=np.uint8)
+    assert peak_rss_mb() >= 100
+    del block

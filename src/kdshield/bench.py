@@ -24,7 +24,7 @@ from kdshield.config import cfg_field, check_range, config_to_dict
 from kdshield.data import TaskData, load_task
 from kdshield.defenses import DEFENSES, DefenseContext
 from kdshield.errors import ConfigError
-from kdshield.evaluation import peak_rss_mb, removal_ratio
+from kdshield.evaluation import peak_rss_mb, removal_ratio, reset_peak_rss
 from kdshield.models.adapters import AdapterConfig
 from kdshield.models.classifier import load_classifier
 from kdshield.results import append_record, make_record, read_records
@@ -146,6 +146,7 @@ class GridRunner:
                 log.info("all cells of %s / %s done", spec, aname)
                 continue
             pdir = work / f"poisoned-{aname}-{'clean' if attack.clean_label else 'dirty'}"
+            reset_peak_rss()  # the `none` record's peak is the poisoning's (or the reload's)
             poisoned = weight_poison(student, task, attack, poison_train, pdir, resume=True,
                                      data_dir=cfg.data_dir)
             for method in todo:
@@ -188,6 +189,7 @@ class _Block:
                              victim_dir=victim_dir,
                              suspect_data=poisoned_proxy(self.task, attack, seed=self.common["seed"],
                                                          data_dir=cfg.data_dir))
+        reset_peak_rss()  # each cell's peak memory is its own, not the process's so far
         t0 = time.perf_counter()
         res = defense().run(ctx, mcfg)
         if res.unavailable:

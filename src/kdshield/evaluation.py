@@ -127,8 +127,40 @@ def removal_ratio(asr_poisoned: float, asr_defended: float, asr_floor: float) ->
     return (asr_poisoned - asr_defended) / gap
 
 
+def _vm_hwm_mb() -> float | None:
+    """Linux's resettable high-water mark of resident memory (``VmHWM``), or None elsewhere."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
+
+
+def reset_peak_rss() -> bool:
+    """Start a new peak-memory window, so ``peak_rss_mb`` measures one grid cell, not the process.
+
+    Linux resets ``VmHWM`` when "5" is written to ``/proc/self/clear_refs``; elsewhere (or where the
+    write is refused) nothing is reset, ``peak_rss_mb`` stays the process peak, and this returns False.
+    """
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        return False
+    return _vm_hwm_mb() is not None
+
+
 def peak_rss_mb() -> float:
-    """Peak resident memory of this process so far (MB); with CUDA, the GPU peak is separate."""
+    """Peak resident memory (MB) since the last ``reset_peak_rss`` (else since the process started).
+
+    With CUDA the GPU peak is separate (``peak_gpu_mb``).
+    """
+    hwm = _vm_hwm_mb()
+    if hwm is not None:
+        return hwm
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return rss / (1024 * 1024) if sys.platform == "darwin" else rss / 1024
 
