@@ -135,3 +135,30 @@ def test_w2s_end_to_end_tiny(tiny_llama_dir, tiny_bert_dir, toy_dataset, tmp_pat
     res.model.save(tmp_path / "adapter")
     again = load_classifier(tmp_path / "adapter")
     assert again.adapter_spec["kind"] == "lora"
+
+
+def test_w2s_keeps_last_weights_and_logs_dev_asr(tiny_llama_dir, tiny_bert_dir, toy_dataset, tmp_path):
+    from safetensors.torch import load_file
+
+    from kdshield.threat import AttackConfig
+
+    task = _task(toy_dataset)
+    cfg = dict(teacher=str(tiny_bert_dir), teacher_epochs=1, lr=5e-3, epochs=3, lora_r=4, lora_alpha=8.0)
+    kept = {}
+    for select in ("last", "best"):
+        ctx = DefenseContext(student=str(tiny_llama_dir), task=task, output_dir=tmp_path / select,
+                             train=TrainConfig(epochs=3, batch_size=8, precision="fp32"),
+                             adapter=AdapterConfig(kind="lora", r=4), attack=AttackConfig(attack="badnet"))
+        res = DEFENSES.get("w2s")().run(ctx, W2SConfig(select=select, **cfg))
+        history = res.logs["train"]["history"]
+        assert len(history) == 3 and all(0.0 <= h["asr"] <= 1.0 for h in history)  # monitored, per epoch
+        ckpt = tmp_path / select / "train" / "checkpoint"
+        params = dict(res.model.named_parameters())
+        last = load_file(str(ckpt / "trainable.safetensors"))
+        kept[select] = all(torch.equal(params[n].detach().cpu(), v) for n, v in last.items())
+        if select == "best":
+            best_epoch = res.logs["train"]["best_step"] // 6
+    assert kept["last"]  # the final student of Algorithm 1, whatever dev CA says
+    assert kept["best"] == (best_epoch == 3)
+    with pytest.raises(ConfigError, match="w2s.select"):
+        W2SConfig(select="first")

@@ -261,9 +261,11 @@ def weight_poison(student: str, task: TaskData, attack: AttackConfig, train_cfg:
 def peft_finetune(model_ref: str | Path, task: TaskData, adapter: AdapterConfig, train_cfg: TrainConfig,
                   output_dir: str | Path | None, *, resume: bool = False, loss_fn: LossFn | None = None,
                   train_data: Dataset | None = None, extra_columns=(), desc: str = "finetune",
-                  options: LoadOptions = LoadOptions(), model: Classifier | None = None
-                  ) -> tuple[Classifier, TrainResult]:
-    """Adapter + trainable head on clean target data (the victim), selected by dev accuracy."""
+                  options: LoadOptions = LoadOptions(), model: Classifier | None = None,
+                  monitor: AttackConfig | None = None, data_dir=None) -> tuple[Classifier, TrainResult]:
+    """Adapter + trainable head on clean target data (the victim), selected by dev accuracy when
+    ``train_cfg.select_best`` (else the last weights). ``monitor``: an attack whose dev ASR is logged in
+    the history at every evaluation (benchmarks; model selection still reads dev CA only)."""
     torch.manual_seed(train_cfg.seed)
     clf = model or load_classifier(model_ref, num_labels=task.num_labels, label_names=task.label_names,
                                    options=options)
@@ -271,6 +273,7 @@ def peft_finetune(model_ref: str | Path, task: TaskData, adapter: AdapterConfig,
         attach_adapter(clf, adapter)
     data = train_data if train_data is not None else task.split("train")
     kwargs = {"loss_fn": loss_fn} if loss_fn is not None else {}
-    result = train(clf, data, train_cfg, eval_fn=dev_eval_fn(task, max_length=train_cfg.max_length),
+    eval_fn = dev_eval_fn(task, monitor, data_dir=data_dir, max_length=train_cfg.max_length)
+    result = train(clf, data, train_cfg, eval_fn=eval_fn,
                    output_dir=output_dir, resume=resume, extra_columns=extra_columns, desc=desc, **kwargs)
     return clf, result

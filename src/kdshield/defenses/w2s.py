@@ -50,6 +50,7 @@ from kdshield.training.losses import cross_entropy, distillation_kl, feature_ali
 log = logging.getLogger(__name__)
 
 FEATURE_NORMS = ("none", "l2", "rms")
+SELECTIONS = ("last", "best")
 
 # Loss weights from the paper / official code per attack family, and our tuned default for the
 # embedded assets (SmolLM2-135M student, MiniLM teacher; see benchmarks/W2S_TUNING.md).
@@ -85,6 +86,10 @@ class W2SConfig:
                                             "shared --adapter.r. Only used when the adapter is LoRA.")
     lora_alpha: float | None = cfg_field(32.0, help="LoRA alpha of this defense's adapter (default 32: scale 2, as "
                                                     "r 8 / alpha 16). none: the shared --adapter.lora_alpha.")
+    select: str = cfg_field("last", help="Student weights to keep: last (Algorithm 1's final student) or best "
+                                         "(the epoch of highest dev CA). Dev CA cannot see the backdoor: an "
+                                         "SST-2 SynAttack run selected epoch 1, test ASR 46%%.",
+                      choices=list(SELECTIONS))
     teacher_epochs: int = cfg_field(3, help="Epochs of the teacher's full fine-tuning.")
     teacher_lr: float = cfg_field(5e-5, help="Teacher learning rate.")
     teacher_batch_size: int = cfg_field(32, help="Teacher batch size.")
@@ -97,6 +102,7 @@ class W2SConfig:
             raise ConfigError("w2s.alpha, beta and gamma are all 0: nothing to train on")
         check_range("w2s.temperature", self.temperature, 0, 100, lo_open=True)
         check_choice("w2s.feature_norm", self.feature_norm, FEATURE_NORMS)
+        check_choice("w2s.select", self.select, SELECTIONS)
         if self.lr is not None:
             check_range("w2s.lr", self.lr, 0, 1, lo_open=True)
         if self.epochs is not None:
@@ -233,11 +239,13 @@ class W2SDefense(Defense):
                 train_cfg = dataclasses.replace(train_cfg, lr=config.lr)
             if config.epochs is not None:
                 train_cfg = dataclasses.replace(train_cfg, epochs=config.epochs)
+            train_cfg = dataclasses.replace(train_cfg, select_best=config.select == "best")
             adapter = student_adapter(ctx.adapter if ctx.adapter is not None else AdapterConfig(), config)
             loss_fn = make_w2s_loss_fn(teacher.logits, teacher.features, config)
             with Timer() as t_student:
                 clf, res = peft_finetune(ctx.student, ctx.task, adapter, train_cfg, ctx.output_dir / "train",
-                                         resume=ctx.resume, loss_fn=loss_fn, model=student, desc="w2s")
+                                         resume=ctx.resume, loss_fn=loss_fn, model=student, desc="w2s",
+                                         monitor=ctx.attack, data_dir=ctx.data_dir)
         logs = {"adapter": config_to_dict(adapter), "teacher_path": str(teacher.path), "teacher_dev_ca": teacher.dev_ca,
                 "teacher_trained": teacher.trained, "teacher_s": round(t_teacher.s, 1),
                 "student_s": round(t_student.s, 1), "train": res.to_dict()}
