@@ -162,3 +162,24 @@ def test_w2s_keeps_last_weights_and_logs_dev_asr(tiny_llama_dir, tiny_bert_dir, 
     assert kept["best"] == (best_epoch == 3)
     with pytest.raises(ConfigError, match="w2s.select"):
         W2SConfig(select="first")
+
+
+def test_w2s_seed_changes_the_student_not_the_teacher(tiny_llama_dir, tiny_bert_dir, toy_dataset, tmp_path,
+                                                      monkeypatch):
+    monkeypatch.setenv("KDSHIELD_CACHE", str(tmp_path / "cache"))
+    task = _task(toy_dataset)
+    cfg = dict(teacher=str(tiny_bert_dir), teacher_epochs=1, lr=5e-3, epochs=1, lora_r=4, lora_alpha=8.0)
+    runs = {}
+    for seed in (None, 0, 1):
+        ctx = DefenseContext(student=str(tiny_llama_dir), task=task, output_dir=tmp_path / f"s{seed}",
+                             train=TrainConfig(epochs=1, batch_size=8, precision="fp32", seed=0),
+                             adapter=AdapterConfig(kind="lora", r=4))
+        res = DEFENSES.get("w2s")().run(ctx, W2SConfig(seed=seed, **cfg))
+        runs[seed] = ({n: p.detach().clone() for n, p in res.model.named_parameters() if p.requires_grad},
+                      res.logs["teacher_trained"])
+    assert runs[None][1] and not runs[0][1] and not runs[1][1]  # one teacher for every student seed
+    same = all(torch.equal(v, runs[0][0][n]) for n, v in runs[None][0].items())
+    other = all(torch.equal(v, runs[1][0][n]) for n, v in runs[None][0].items())
+    assert same and not other  # seed none follows --train.seed (0); seed 1 trains another student
+    with pytest.raises(ConfigError, match="w2s.seed"):
+        W2SConfig(seed=-1)

@@ -90,6 +90,8 @@ class W2SConfig:
                                          "(the epoch of highest dev CA). Dev CA cannot see the backdoor: an "
                                          "SST-2 SynAttack run selected epoch 1, test ASR 46%%.",
                       choices=list(SELECTIONS))
+    seed: int | None = cfg_field(None, help="Seed of the student's training (adapter init, batch order); none: "
+                                            "--train.seed. The teacher keeps --train.seed, so its cache is reused.")
     teacher_epochs: int = cfg_field(3, help="Epochs of the teacher's full fine-tuning.")
     teacher_lr: float = cfg_field(5e-5, help="Teacher learning rate.")
     teacher_batch_size: int = cfg_field(32, help="Teacher batch size.")
@@ -111,6 +113,8 @@ class W2SConfig:
             check_range("w2s.lora_r", self.lora_r, 1, 65536)
         if self.lora_alpha is not None:
             check_range("w2s.lora_alpha", self.lora_alpha, 0, 1e6, lo_open=True)
+        if self.seed is not None:
+            check_range("w2s.seed", self.seed, 0, 2**32 - 1)
         check_range("w2s.teacher_epochs", self.teacher_epochs, 1, 100)
         check_range("w2s.teacher_lr", self.teacher_lr, 0, 1, lo_open=True)
         check_range("w2s.teacher_batch_size", self.teacher_batch_size, 1, 65536)
@@ -240,6 +244,8 @@ class W2SDefense(Defense):
             if config.epochs is not None:
                 train_cfg = dataclasses.replace(train_cfg, epochs=config.epochs)
             train_cfg = dataclasses.replace(train_cfg, select_best=config.select == "best")
+            if config.seed is not None:
+                train_cfg = dataclasses.replace(train_cfg, seed=config.seed)
             adapter = student_adapter(ctx.adapter if ctx.adapter is not None else AdapterConfig(), config)
             loss_fn = make_w2s_loss_fn(teacher.logits, teacher.features, config)
             with Timer() as t_student:
