@@ -181,5 +181,20 @@ def test_w2s_seed_changes_the_student_not_the_teacher(tiny_llama_dir, tiny_bert_
     same = all(torch.equal(v, runs[0][0][n]) for n, v in runs[None][0].items())
     other = all(torch.equal(v, runs[1][0][n]) for n, v in runs[None][0].items())
     assert same and not other  # seed none follows --train.seed (0); seed 1 trains another student
+    assert res.logs["student_train"] == {"lr": 5e-3, "epochs": 1, "schedule": "linear", "seed": 1,
+                                         "select_best": False}
+
+
+def test_w2s_schedule_overrides_the_shared_one(tiny_llama_dir, tiny_bert_dir, toy_dataset, tmp_path):
+    task = _task(toy_dataset)
+    ctx = DefenseContext(student=str(tiny_llama_dir), task=task, output_dir=tmp_path / "run",
+                         train=TrainConfig(epochs=1, batch_size=8, precision="fp32", schedule="linear"),
+                         adapter=AdapterConfig(kind="lora", r=4))
+    cfg = W2SConfig(teacher=str(tiny_bert_dir), teacher_epochs=1, lr=5e-3, epochs=1, lora_r=4, lora_alpha=8.0,
+                    schedule="constant")
+    res = DEFENSES.get("w2s")().run(ctx, cfg)
+    assert res.logs["student_train"]["schedule"] == "constant"
+    with pytest.raises(ConfigError, match="w2s.schedule"):
+        W2SConfig(schedule="step")
     with pytest.raises(ConfigError, match="w2s.seed"):
         W2SConfig(seed=-1)

@@ -51,6 +51,7 @@ log = logging.getLogger(__name__)
 
 FEATURE_NORMS = ("none", "l2", "rms")
 SELECTIONS = ("last", "best")
+SCHEDULES = ("linear", "constant", "cosine")
 
 # Loss weights from the paper / official code per attack family, and our tuned default for the
 # embedded assets (SmolLM2-135M student, MiniLM teacher; see benchmarks/W2S_TUNING.md).
@@ -81,6 +82,9 @@ class W2SConfig:
     epochs: int | None = cfg_field(4, help="Student epochs (none: --train.epochs). Alignment needs more "
                                            "passes than plain PEFT: on the embedded assets (with r 16) 4 epochs "
                                            "removed 94%% of InSent's ASR above the floor; r 8 with 3 epochs 86%%.")
+    schedule: str | None = cfg_field(None, help="Student learning-rate schedule after warm-up: linear, constant "
+                                                "or cosine (none: --train.schedule).",
+                                      choices=list(SCHEDULES))
     lora_r: int | None = cfg_field(16, help="LoRA rank of this defense's student adapter (default 16, tuned on the "
                                             "embedded 135M student; the paper uses 512 on 8B students). none: the "
                                             "shared --adapter.r. Only used when the adapter is LoRA.")
@@ -109,6 +113,8 @@ class W2SConfig:
             check_range("w2s.lr", self.lr, 0, 1, lo_open=True)
         if self.epochs is not None:
             check_range("w2s.epochs", self.epochs, 1, 1000)
+        if self.schedule is not None:
+            check_choice("w2s.schedule", self.schedule, SCHEDULES)
         if self.lora_r is not None:
             check_range("w2s.lora_r", self.lora_r, 1, 65536)
         if self.lora_alpha is not None:
@@ -234,6 +240,8 @@ class W2SDefense(Defense):
 
     def run(self, ctx: DefenseContext, config: W2SConfig) -> DefenseResult:
         with Timer() as timer:
+            # a student without a trained head gets a random one: seed it like the adapter
+            torch.manual_seed(ctx.train.seed if config.seed is None else config.seed)
             student = load_classifier(ctx.student, num_labels=ctx.task.num_labels,
                                       label_names=ctx.task.label_names, options=ctx.options)
             with Timer() as t_teacher:
@@ -243,6 +251,8 @@ class W2SDefense(Defense):
                 train_cfg = dataclasses.replace(train_cfg, lr=config.lr)
             if config.epochs is not None:
                 train_cfg = dataclasses.replace(train_cfg, epochs=config.epochs)
+            if config.schedule is not None:
+                train_cfg = dataclasses.replace(train_cfg, schedule=config.schedule)
             train_cfg = dataclasses.replace(train_cfg, select_best=config.select == "best")
             if config.seed is not None:
                 train_cfg = dataclasses.replace(train_cfg, seed=config.seed)
@@ -252,7 +262,8 @@ class W2SDefense(Defense):
                 clf, res = peft_finetune(ctx.student, ctx.task, adapter, train_cfg, ctx.output_dir / "train",
                                          resume=ctx.resume, loss_fn=loss_fn, model=student, desc="w2s",
                                          monitor=ctx.attack, data_dir=ctx.data_dir)
-        logs = {"adapter": config_to_dict(adapter), "teacher_path": str(teacher.path), "teacher_dev_ca": teacher.dev_ca,
+        student_train = {k: getattr(train_cfg, k) for k in ("lr", "epochs", "schedule", "seed", "select_best")}
+        logs = {"adapter": config_to_dict(adapter), "student_train": student_train, "teacher_path": str(teacher.path), "teacher_dev_ca": teacher.dev_ca,
                 "teacher_trained": teacher.trained, "teacher_s": round(t_teacher.s, 1),
                 "student_s": round(t_student.s, 1), "train": res.to_dict()}
         return finish(DefenseResult(model=clf, trainable_params=res.trainable_params, logs=logs), timer)
