@@ -50,10 +50,12 @@ def test_same_seed_same_weights_and_batches(tiny_llama_dir, toy_dataset):
     assert flat == list(range(len(lengths)))
 
 
-def test_resume_continues_to_identical_result(tiny_bert_dir, toy_dataset, tmp_path):
-    """A run stopped after a checkpoint and resumed equals the uninterrupted run (dropout on)."""
+@pytest.mark.parametrize("ema", [0.0, 0.9])
+def test_resume_continues_to_identical_result(tiny_bert_dir, toy_dataset, tmp_path, ema):
+    """A run stopped after a checkpoint and resumed equals the uninterrupted run (dropout on), weight
+    average included."""
     data = toy_dataset(80)
-    cfg = TrainConfig(epochs=2, lr=1e-3, batch_size=8, precision="fp32", checkpoint_every=3)
+    cfg = TrainConfig(epochs=2, lr=1e-3, batch_size=8, precision="fp32", checkpoint_every=3, ema=ema)
     ref = _model(tiny_bert_dir)
     train(ref, data, cfg, output_dir=tmp_path / "ref")
 
@@ -100,6 +102,42 @@ def test_select_best_restores_best_eval(tiny_llama_dir, toy_dataset):
     assert res.best_score == 0.9 and res.best_step == 4
     final = _weights(clf)
     assert all(torch.equal(final[n], snapshots[0][n]) for n in final)
+
+
+def test_ema_returns_the_moving_average_of_the_steps(tiny_llama_dir, toy_dataset, tmp_path):
+    from kdshield.training.loop import ce_loss, load_trained_weights
+
+    seen = []  # the weights each step starts from: the initial ones, then after steps 1, 2, ...
+
+    def spy_loss(model, batch):
+        seen.append(_weights(model))
+        return ce_loss(model, batch)
+
+    evaluated = []
+    clf = _model(tiny_llama_dir)
+    cfg = TrainConfig(epochs=2, lr=1e-2, batch_size=8, precision="fp32", select_best=False, ema=0.5,
+                      warmup_ratio=0.0)
+    res = train(clf, toy_dataset(32), cfg, loss_fn=spy_loss, output_dir=tmp_path / "run",
+                eval_fn=lambda m: evaluated.append(_weights(m)) or {"score": 0.5})
+    assert res.steps == 8 and len(seen) == 8
+    raw = _model(tiny_llama_dir)
+    load_trained_weights(raw, tmp_path / "run", "last")
+    steps = seen[1:] + [_weights(raw)]  # the weights after steps 1..8
+    expected = {n: v.float().clone() for n, v in seen[0].items()}
+    for k, w in enumerate(steps, start=1):
+        d = min(0.5, (1 + k) / (10 + k))
+        for n in expected:
+            expected[n] = d * expected[n] + (1 - d) * w[n].float()
+    final = _weights(clf)
+    for n in final:
+        assert torch.allclose(final[n], expected[n], atol=1e-6), n
+        assert torch.equal(evaluated[-1][n], final[n])  # the evaluation saw the average
+    assert any(not torch.equal(final[n], steps[-1][n]) for n in final)  # and it is not the last step
+    again = _model(tiny_llama_dir)
+    load_trained_weights(again, tmp_path / "run", "best")  # what train returned
+    assert all(torch.allclose(_weights(again)[n], final[n]) for n in final)
+    with pytest.raises(ConfigError, match="train.ema"):
+        TrainConfig(ema=1.0)
 
 
 def test_stop_fn_ends_early(tiny_llama_dir, toy_dataset):

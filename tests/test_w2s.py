@@ -182,7 +182,7 @@ def test_w2s_seed_changes_the_student_not_the_teacher(tiny_llama_dir, tiny_bert_
     other = all(torch.equal(v, runs[1][0][n]) for n, v in runs[None][0].items())
     assert same and not other  # seed none follows --train.seed (0); seed 1 trains another student
     assert res.logs["student_train"] == {"lr": 5e-3, "epochs": 1, "schedule": "linear", "seed": 1,
-                                         "select_best": False}
+                                         "select_best": False, "ema": 0.0}
 
 
 def test_w2s_schedule_overrides_the_shared_one(tiny_llama_dir, tiny_bert_dir, toy_dataset, tmp_path):

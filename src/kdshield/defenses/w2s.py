@@ -85,6 +85,9 @@ class W2SConfig:
     schedule: str | None = cfg_field(None, help="Student learning-rate schedule after warm-up: linear, constant "
                                                 "or cosine (none: --train.schedule).",
                                       choices=list(SCHEDULES))
+    ema: float | None = cfg_field(None, help="Moving average of the student's weights, decay per step (0: off; "
+                                             "none: --train.ema). The last weights of a run are one draw from "
+                                             "an oscillating residual; the average smooths it.")
     lora_r: int | None = cfg_field(16, help="LoRA rank of this defense's student adapter (default 16, tuned on the "
                                             "embedded 135M student; the paper uses 512 on 8B students). none: the "
                                             "shared --adapter.r. Only used when the adapter is LoRA.")
@@ -115,6 +118,8 @@ class W2SConfig:
             check_range("w2s.epochs", self.epochs, 1, 1000)
         if self.schedule is not None:
             check_choice("w2s.schedule", self.schedule, SCHEDULES)
+        if self.ema is not None:
+            check_range("w2s.ema", self.ema, 0, 1, hi_open=True)
         if self.lora_r is not None:
             check_range("w2s.lora_r", self.lora_r, 1, 65536)
         if self.lora_alpha is not None:
@@ -253,6 +258,8 @@ class W2SDefense(Defense):
                 train_cfg = dataclasses.replace(train_cfg, epochs=config.epochs)
             if config.schedule is not None:
                 train_cfg = dataclasses.replace(train_cfg, schedule=config.schedule)
+            if config.ema is not None:
+                train_cfg = dataclasses.replace(train_cfg, ema=config.ema)
             train_cfg = dataclasses.replace(train_cfg, select_best=config.select == "best")
             if config.seed is not None:
                 train_cfg = dataclasses.replace(train_cfg, seed=config.seed)
@@ -262,7 +269,7 @@ class W2SDefense(Defense):
                 clf, res = peft_finetune(ctx.student, ctx.task, adapter, train_cfg, ctx.output_dir / "train",
                                          resume=ctx.resume, loss_fn=loss_fn, model=student, desc="w2s",
                                          monitor=ctx.attack, data_dir=ctx.data_dir)
-        student_train = {k: getattr(train_cfg, k) for k in ("lr", "epochs", "schedule", "seed", "select_best")}
+        student_train = {k: getattr(train_cfg, k) for k in ("lr", "epochs", "schedule", "seed", "select_best", "ema")}
         logs = {"adapter": config_to_dict(adapter), "student_train": student_train, "teacher_path": str(teacher.path), "teacher_dev_ca": teacher.dev_ca,
                 "teacher_trained": teacher.trained, "teacher_s": round(t_teacher.s, 1),
                 "student_s": round(t_student.s, 1), "train": res.to_dict()}

@@ -57,6 +57,9 @@ class TrainConfig:
     checkpoint_every: int = cfg_field(50, help="Optimizer steps between checkpoints (0 = epoch ends only).")
     eval_every: int = cfg_field(0, help="Optimizer steps between dev evaluations (0 = epoch ends only).")
     select_best: bool = cfg_field(True, help="Keep the weights of the best dev evaluation, not the last.")
+    ema: float = cfg_field(0.0, help="Exponential moving average of the trainable weights, decay per optimizer "
+                                     "step (0 = off; 0.99 averages ~the last 100 steps). When on, evaluations "
+                                     "and the returned weights are the averaged ones.")
     bucket_batches: int = cfg_field(32, help="Batches per length-sorting chunk (1 = no bucketing).")
 
     def __post_init__(self):
@@ -73,6 +76,7 @@ class TrainConfig:
         check_range("train.checkpoint_every", self.checkpoint_every, 0, None)
         check_range("train.eval_every", self.eval_every, 0, None)
         check_range("train.bucket_batches", self.bucket_batches, 1, 100_000)
+        check_range("train.ema", self.ema, 0, 1, hi_open=True)
 
 
 @dataclass
@@ -163,10 +167,11 @@ def _load_trainable(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> N
 
 def load_trained_weights(model: torch.nn.Module, train_dir: str | Path, which: str = "best") -> str:
     """Load the trainable weights a finished ``train(..., output_dir=train_dir)`` left in its checkpoint
-    (``best``: the selected weights, which ``train`` returns; falls back to ``last`` when training did
-    not select). ``model`` must carry the same adapter. Returns the file loaded (safetensors only)."""
+    (``best``: the weights ``train`` returns: the selected ones, else the weight average with
+    ``ema``, else the last; ``last``: the raw weights of the last step). ``model`` must carry the same adapter. Returns the file loaded (safetensors only)."""
     ckpt = Path(train_dir) / "checkpoint"
-    names = {"best": ["best.safetensors", "trainable.safetensors"], "last": ["trainable.safetensors"]}
+    names = {"best": ["best.safetensors", "ema.safetensors", "trainable.safetensors"],
+             "last": ["trainable.safetensors"]}
     if which not in names:
         raise ValueError(f"which={which!r}: use best or last")
     for name in names[which]:
@@ -175,6 +180,16 @@ def load_trained_weights(model: torch.nn.Module, train_dir: str | Path, which: s
             return str(ckpt / name)
     raise FileNotFoundError(f"{ckpt} holds no trained weights (expected {names[which][0]}); "
                             "is train_dir the 'train' folder of a finished run?")
+
+
+@torch.no_grad()
+def _ema_update(ema: dict[str, torch.Tensor], model: torch.nn.Module, decay: float, step: int) -> None:
+    """One step of the weight average; the warm-up ``(1 + step) / (10 + step)`` keeps the first
+    steps from being dominated by the initial weights."""
+    d = min(decay, (1 + step) / (10 + step))
+    for n, p in model.named_parameters():
+        if n in ema:
+            ema[n].mul_(d).add_(p.detach().float(), alpha=1 - d)
 
 
 class Checkpointer:
@@ -186,7 +201,8 @@ class Checkpointer:
     def exists(self) -> bool:
         return self.dir is not None and (self.dir / "state.json").is_file()
 
-    def save(self, model, optimizer, scheduler, state: dict, best: dict | None) -> None:
+    def save(self, model, optimizer, scheduler, state: dict, best: dict | None,
+             ema: dict | None = None) -> None:
         if self.dir is None:
             return
         tmp = self.dir.with_name("checkpoint.tmp")
@@ -195,6 +211,8 @@ class Checkpointer:
         save_file(_trainable_state(model), str(tmp / "trainable.safetensors"))
         if best is not None:
             save_file(best, str(tmp / "best.safetensors"))
+        if ema is not None:
+            save_file({n: v.detach().cpu().contiguous() for n, v in ema.items()}, str(tmp / "ema.safetensors"))
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         save_file({"cpu_rng": torch.get_rng_state()}, str(tmp / "rng.safetensors"))
         state = dict(state, scheduler=scheduler.state_dict())
@@ -206,7 +224,7 @@ class Checkpointer:
         tmp.rename(self.dir)
         shutil.rmtree(old, ignore_errors=True)
 
-    def load(self, model, optimizer, scheduler) -> tuple[dict, dict | None]:
+    def load(self, model, optimizer, scheduler) -> tuple[dict, dict | None, dict | None]:
         state = json.loads((self.dir / "state.json").read_text())
         _load_trainable(model, load_file(str(self.dir / "trainable.safetensors")))
         optimizer.load_state_dict(torch.load(self.dir / "optimizer.pt", weights_only=True))
@@ -214,7 +232,9 @@ class Checkpointer:
         torch.set_rng_state(load_file(str(self.dir / "rng.safetensors"))["cpu_rng"])
         best_path = self.dir / "best.safetensors"
         best = load_file(str(best_path)) if best_path.is_file() else None
-        return state, best
+        ema_path = self.dir / "ema.safetensors"
+        ema = load_file(str(ema_path)) if ema_path.is_file() else None
+        return state, best, ema
 
 
 def train(model: torch.nn.Module, train_data: Dataset, config: TrainConfig, *, tokenizer=None,
@@ -254,12 +274,20 @@ def train(model: torch.nn.Module, train_data: Dataset, config: TrainConfig, *, t
     unwrapped = accelerator.unwrap_model(model)
 
     ckpt = Checkpointer(output_dir if accelerator.is_main_process else None)
+    # the moving average lives beside the weights, in fp32 (names of the unwrapped model)
+    ema = ({n: p.detach().float().clone() for n, p in unwrapped.named_parameters() if p.requires_grad}
+           if config.ema else None)
     result = TrainResult(trainable_params=sum(p.numel() for p in params), precision=precision)
     best: dict | None = None
     epoch, batches_done, step = 0, 0, 0
     resume_dir = Checkpointer(output_dir)
     if resume and resume_dir.exists():
-        state, best = resume_dir.load(unwrapped, optimizer, scheduler)
+        state, best, saved_ema = resume_dir.load(unwrapped, optimizer, scheduler)
+        if ema is not None:
+            if saved_ema is None:
+                raise RuntimeError(f"{output_dir}: the checkpoint has no weight average but train.ema is "
+                                   f"{config.ema}; resume with the settings it was made with or start afresh")
+            ema = {n: v.to(ema[n].device) for n, v in saved_ema.items()}
         epoch, batches_done, step = state["epoch"], state["batches_done"], state["step"]
         result.history, result.best_score, result.best_step = state["history"], state["best_score"], state["best_step"]
         result.examples_seen, result.train_s = state["examples_seen"], state.get("train_s", 0.0)
@@ -278,6 +306,9 @@ def train(model: torch.nn.Module, train_data: Dataset, config: TrainConfig, *, t
         nonlocal best
         if eval_fn is None:
             return False
+        current = _trainable_state(unwrapped) if ema is not None else None
+        if ema is not None:
+            _load_trainable(unwrapped, ema)  # evaluate what training would return
         model.eval()
         with torch.no_grad(), accelerator.autocast():
             metrics = dict(eval_fn(unwrapped))
@@ -289,6 +320,8 @@ def train(model: torch.nn.Module, train_data: Dataset, config: TrainConfig, *, t
             result.best_score, result.best_step = float(score), step
             if config.select_best:
                 best = _trainable_state(unwrapped)
+        if current is not None:
+            _load_trainable(unwrapped, current)
         log.info("%s eval %s: %s", desc, tag, {k: round(v, 4) if isinstance(v, float) else v
                                                for k, v in metrics.items()})
         return bool(stop_fn and stop_fn(metrics))
@@ -325,6 +358,8 @@ def train(model: torch.nn.Module, train_data: Dataset, config: TrainConfig, *, t
             optimizer.zero_grad(set_to_none=True)
             pending = 0
             step += 1
+            if ema is not None:
+                _ema_update(ema, unwrapped, config.ema, step)
             bar.update(1)
             bar.set_postfix({k: f"{float(v):.4f}" for k, v in logs.items()}, refresh=False)
             if config.eval_every and step % config.eval_every == 0 and not last:
@@ -332,18 +367,20 @@ def train(model: torch.nn.Module, train_data: Dataset, config: TrainConfig, *, t
             if config.checkpoint_every and step % config.checkpoint_every == 0 and not last:
                 result.train_s += time.perf_counter() - t0
                 t0 = time.perf_counter()
-                ckpt.save(unwrapped, optimizer, scheduler, snapshot_state(), best)
+                ckpt.save(unwrapped, optimizer, scheduler, snapshot_state(), best, ema)
             if stop:
                 break
         result.train_s += time.perf_counter() - t0
         if not stop:
             epoch, batches_done = epoch + 1, 0
             stop = evaluate(f"epoch {epoch}")
-            ckpt.save(unwrapped, optimizer, scheduler, snapshot_state(), best)
+            ckpt.save(unwrapped, optimizer, scheduler, snapshot_state(), best, ema)
     bar.close()
     result.stopped_early = stop and epoch < config.epochs
     if config.select_best and best is not None:
         _load_trainable(unwrapped, best)
+    elif ema is not None:
+        _load_trainable(unwrapped, ema)
     result.steps = step
     result.wall_s = time.perf_counter() - start
     accelerator.wait_for_everyone()
