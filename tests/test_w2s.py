@@ -116,6 +116,14 @@ def test_teacher_cache_hit(tiny_bert_dir, toy_dataset, tmp_path):
     assert other.trained and other.path != first.path
 
 
+def test_teacher_cache_key_ignores_new_options_while_off():
+    from kdshield.defenses.w2s import _cache_train_key
+
+    key = _cache_train_key(TrainConfig())
+    assert "ema" not in key and key["lr"] == 2e-4  # caches written before train.ema still hit
+    assert _cache_train_key(TrainConfig(ema=0.9))["ema"] == 0.9
+
+
 def test_w2s_end_to_end_tiny(tiny_llama_dir, tiny_bert_dir, toy_dataset, tmp_path):
     from kdshield.threat import evaluate_model
 

@@ -170,6 +170,17 @@ class Teacher:
     trained: bool  # False when loaded from the cache
 
 
+def _cache_train_key(train_cfg: TrainConfig) -> dict:
+    """The teacher's training settings as they enter the cache key. Options added to ``TrainConfig``
+    after caches were written stay out while they are off, so a new option does not retrain every
+    cached teacher."""
+    d = config_to_dict(train_cfg)
+    for name, off in (("ema", 0.0),):
+        if d.get(name) == off:
+            d.pop(name)
+    return d
+
+
 def prepare_teacher(cfg: W2SConfig, task: TaskData, student_hidden: int, train_cfg: TrainConfig, *,
                     options: LoadOptions = LoadOptions(), cache_root: Path | None = None) -> Teacher:
     """Fine-tune the teacher (full parameters, projection head to ``student_hidden``) or reuse it."""
@@ -181,7 +192,7 @@ def prepare_teacher(cfg: W2SConfig, task: TaskData, student_hidden: int, train_c
     key_src = {"teacher": str(cfg.teacher), "resolved": str(resolve_model_ref(cfg.teacher, options)),
                "data": _texts_digest(data["text"], data["label"]), "dev": _texts_digest(
                    task.split("dev")["text"], task.split("dev")["label"]),
-               "proj_dim": student_hidden, "train": config_to_dict(teacher_train), "labels": task.label_names}
+               "proj_dim": student_hidden, "train": _cache_train_key(teacher_train), "labels": task.label_names}
     key = hashlib.sha256(json.dumps(key_src, sort_keys=True).encode()).hexdigest()[:16]
     root = cache_root or assets.cache_dir() / "teachers"
     path = root / f"{Path(str(cfg.teacher)).name}-{key}"
