@@ -75,7 +75,9 @@ class W2SConfig:
     gamma: float = cfg_field(0.01, help="Weight of the per-example feature alignment.")
     temperature: float = cfg_field(2.0, help="Distillation temperature T.")
     feature_norm: str = cfg_field("none", help="Features before alignment: none (paper), l2 (unit vectors), "
-                                              "rms (divided by their root-mean-square).",
+                                              "rms (divided by their root-mean-square). Only none removed the "
+                                              "backdoor on the embedded assets: l2 matches directions and keeps "
+                                              "it (InSent ASR 54%%).",
                                   choices=list(FEATURE_NORMS))
     lr: float | None = cfg_field(1e-3, help="Student learning rate (none: use --train.lr). Feature alignment "
                                             "needs the adapter to move features, not only the head.")
