@@ -191,6 +191,8 @@ def test_w2s_seed_changes_the_student_not_the_teacher(tiny_llama_dir, tiny_bert_
     assert same and not other  # seed none follows --train.seed (0); seed 1 trains another student
     assert res.logs["student_train"] == {"lr": 5e-3, "epochs": 1, "schedule": "linear", "seed": 1,
                                          "select_best": False, "ema": 0.0}
+    with pytest.raises(ConfigError, match="w2s.seed"):
+        W2SConfig(seed=-1)
 
 
 def test_w2s_schedule_overrides_the_shared_one(tiny_llama_dir, tiny_bert_dir, toy_dataset, tmp_path):
@@ -204,5 +206,3 @@ def test_w2s_schedule_overrides_the_shared_one(tiny_llama_dir, tiny_bert_dir, to
     assert res.logs["student_train"]["schedule"] == "constant"
     with pytest.raises(ConfigError, match="w2s.schedule"):
         W2SConfig(schedule="step")
-    with pytest.raises(ConfigError, match="w2s.seed"):
-        W2SConfig(seed=-1)

@@ -44,14 +44,13 @@ from kdshield.models.adapters import AdapterConfig
 from kdshield.models.classifier import Classifier, load_classifier
 from kdshield.models.loading import LoadOptions, resolve_model_ref
 from kdshield.threat import dev_eval_fn, peft_finetune
-from kdshield.training.loop import TrainConfig, train
+from kdshield.training.loop import SCHEDULES, TrainConfig, train
 from kdshield.training.losses import cross_entropy, distillation_kl, feature_alignment
 
 log = logging.getLogger(__name__)
 
 FEATURE_NORMS = ("none", "l2", "rms")
 SELECTIONS = ("last", "best")
-SCHEDULES = ("linear", "constant", "cosine")
 
 # Loss weights from the paper / official code per attack family, and our tuned default for the
 # embedded assets (SmolLM2-135M student, MiniLM teacher; see benchmarks/W2S_TUNING.md).
@@ -88,8 +87,8 @@ class W2SConfig:
                                                 "or cosine (none: --train.schedule).",
                                       choices=list(SCHEDULES))
     ema: float | None = cfg_field(None, help="Moving average of the student's weights, decay per step (0: off; "
-                                             "none: --train.ema). The last weights of a run are one draw from "
-                                             "an oscillating residual; the average smooths it.")
+                                             "none: --train.ema). 0.99 did not raise InSent's removal on the "
+                                             "embedded assets (benchmarks/W2S_TUNING.md).")
     lora_r: int | None = cfg_field(16, help="LoRA rank of this defense's student adapter (default 16, tuned on the "
                                             "embedded 135M student; the paper uses 512 on 8B students). none: the "
                                             "shared --adapter.r. Only used when the adapter is LoRA.")
@@ -282,8 +281,10 @@ class W2SDefense(Defense):
                 clf, res = peft_finetune(ctx.student, ctx.task, adapter, train_cfg, ctx.output_dir / "train",
                                          resume=ctx.resume, loss_fn=loss_fn, model=student, desc="w2s",
                                          monitor=ctx.attack, data_dir=ctx.data_dir)
-        student_train = {k: getattr(train_cfg, k) for k in ("lr", "epochs", "schedule", "seed", "select_best", "ema")}
-        logs = {"adapter": config_to_dict(adapter), "student_train": student_train, "teacher_path": str(teacher.path), "teacher_dev_ca": teacher.dev_ca,
+        student_train = {k: getattr(train_cfg, k) for k in ("lr", "epochs", "schedule", "seed", "select_best",
+                                                            "ema")}
+        logs = {"adapter": config_to_dict(adapter), "student_train": student_train,
+                "teacher_path": str(teacher.path), "teacher_dev_ca": teacher.dev_ca,
                 "teacher_trained": teacher.trained, "teacher_s": round(t_teacher.s, 1),
                 "student_s": round(t_student.s, 1), "train": res.to_dict()}
         return finish(DefenseResult(model=clf, trainable_params=res.trainable_params, logs=logs), timer)

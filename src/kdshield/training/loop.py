@@ -33,6 +33,8 @@ from kdshield.training.losses import cross_entropy
 
 log = logging.getLogger(__name__)
 
+SCHEDULES = ("linear", "constant", "cosine")
+
 LossFn = Callable[[torch.nn.Module, dict], tuple[torch.Tensor, dict]]
 EvalFn = Callable[[torch.nn.Module], dict]
 
@@ -48,7 +50,7 @@ class TrainConfig:
     weight_decay: float = cfg_field(0.0, help="AdamW weight decay.")
     warmup_ratio: float = cfg_field(0.06, help="Share of optimizer steps with linear warm-up.")
     schedule: str = cfg_field("linear", help="Learning-rate schedule after warm-up.",
-                              choices=["linear", "constant", "cosine"])
+                              choices=list(SCHEDULES))
     max_grad_norm: float = cfg_field(1.0, help="Gradient clipping norm (0 = off).")
     max_length: int = cfg_field(64, help="Tokens per example (longer inputs are truncated).")
     seed: int = cfg_field(0, help="Seed of batch order, initialisation and dropout.")
@@ -69,7 +71,7 @@ class TrainConfig:
         check_range("train.grad_accum", self.grad_accum, 1, 4096)
         check_range("train.weight_decay", self.weight_decay, 0, 1)
         check_range("train.warmup_ratio", self.warmup_ratio, 0, 1, hi_open=True)
-        check_choice("train.schedule", self.schedule, ["linear", "constant", "cosine"])
+        check_choice("train.schedule", self.schedule, SCHEDULES)
         check_range("train.max_grad_norm", self.max_grad_norm, 0, None)
         check_range("train.max_length", self.max_length, 2, 100_000)
         check_choice("train.precision", self.precision, ["auto", "bf16", "fp32"])
@@ -168,7 +170,8 @@ def _load_trainable(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> N
 def load_trained_weights(model: torch.nn.Module, train_dir: str | Path, which: str = "best") -> str:
     """Load the trainable weights a finished ``train(..., output_dir=train_dir)`` left in its checkpoint
     (``best``: the weights ``train`` returns: the selected ones, else the weight average with
-    ``ema``, else the last; ``last``: the raw weights of the last step). ``model`` must carry the same adapter. Returns the file loaded (safetensors only)."""
+    ``ema``, else the last; ``last``: the raw weights of the last step). ``model`` must carry the
+    same adapter. Returns the file loaded (safetensors only)."""
     ckpt = Path(train_dir) / "checkpoint"
     names = {"best": ["best.safetensors", "ema.safetensors", "trainable.safetensors"],
              "last": ["trainable.safetensors"]}
