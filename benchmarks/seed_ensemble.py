@@ -1,0 +1,65 @@
+"""Average the test probabilities of finished W2SDefense runs that differ only in the defense seed.
+
+    python benchmarks/seed_ensemble.py --attack insent w2s-last w2s-last-seed1 w2s-seed2 w2s-seed3 w2s-seed4
+
+Each RUN is a defense folder next to the poisoned model in the benchmark work dir (LoRA r 16 /
+alpha 32, the W2SDefense default); its last weights are evaluated on the test split (CA) and the
+triggered test split (ASR), then every subset of the runs is scored by its mean probabilities.
+Prints CA / ASR / removal per subset; references (the poisoned model's ASR and the floor) are
+passed in, as read from the results file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+
+import numpy as np
+import torch
+
+from kdshield.bench import GridConfig, GridRunner
+from kdshield.evaluation import predict
+from kdshield.models.adapters import AdapterConfig, attach_adapter
+from kdshield.models.classifier import load_classifier
+from kdshield.threat import AttackConfig, asr_set, ca_set
+from kdshield.training.loop import load_trained_weights
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("runs", nargs="+")
+    ap.add_argument("--attack", default="insent")
+    ap.add_argument("--dataset", default="rotten-tomatoes")
+    ap.add_argument("--work-dir", default="runs/bench")
+    ap.add_argument("--poisoned-asr", type=float, default=0.9948, help="ASR of the poisoned model (none row)")
+    ap.add_argument("--floor-asr", type=float, default=0.1851, help="ASR of the never-poisoned student + LoRA")
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    block = GridRunner(GridConfig(datasets=[args.dataset], attacks=[args.attack])).make_block(
+        "smollm2-135m", args.dataset, 0)
+    pdir = f"{args.work_dir}/smollm2-135m-{args.dataset}-{args.dataset}-s0/poisoned-{args.attack}-clean"
+    attack = AttackConfig(attack=args.attack, clean_label=True)
+    clean, trig = ca_set(block.task, attack, "test"), asr_set(block.task, attack, "test")
+    probs = {}
+    for run in args.runs:
+        clf = load_classifier(f"{pdir}/model", num_labels=block.task.num_labels, label_names=block.task.label_names)
+        attach_adapter(clf, AdapterConfig(kind="lora", r=16, lora_alpha=32.0))
+        load_trained_weights(clf, f"{pdir}/{run}/train", "last")
+        clf.eval()
+        probs[run] = (predict(clf, list(clean["text"])).probs, predict(clf, list(trig["text"])).probs)
+    cl, tl = np.asarray(clean["label"]), np.asarray(trig["label"])
+    for k in range(1, len(args.runs) + 1):
+        removals = []
+        for subset in itertools.combinations(args.runs, k):
+            pc = np.mean([probs[r][0] for r in subset], axis=0)
+            pt = np.mean([probs[r][1] for r in subset], axis=0)
+            ca = float((pc.argmax(1) == cl).mean())
+            asr = float((pt.argmax(1) == attack.target_label)[tl != attack.target_label].mean())
+            rem = (args.poisoned_asr - asr) / (args.poisoned_asr - args.floor_asr)
+            removals.append(rem)
+            print(f"{k} | {' + '.join(subset)} | CA {ca * 100:.1f} | ASR {asr * 100:.1f} | removal {rem:.2f}")
+        print(f"{k} runs: removal min {min(removals):.2f} mean {np.mean(removals):.2f} max {max(removals):.2f}")
+
+
+if __name__ == "__main__":
+    main()
