@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from kdshield.bench import GridConfig, GridRunner
-from kdshield.evaluation import predict
+from kdshield.evaluation import accuracy, attack_success_rate, predict
 from kdshield.models.adapters import AdapterConfig, attach_adapter
 from kdshield.models.classifier import load_classifier
 from kdshield.threat import AttackConfig, asr_set, ca_set
@@ -47,14 +47,13 @@ def main() -> None:
         load_trained_weights(clf, f"{pdir}/{run}/train", "last")
         clf.eval()
         probs[run] = (predict(clf, list(clean["text"])).probs, predict(clf, list(trig["text"])).probs)
-    cl, tl = np.asarray(clean["label"]), np.asarray(trig["label"])
     for k in range(1, len(args.runs) + 1):
         removals = []
         for subset in itertools.combinations(args.runs, k):
             pc = np.mean([probs[r][0] for r in subset], axis=0)
             pt = np.mean([probs[r][1] for r in subset], axis=0)
-            ca = float((pc.argmax(1) == cl).mean())
-            asr = float((pt.argmax(1) == attack.target_label)[tl != attack.target_label].mean())
+            ca = accuracy(pc, clean["label"])
+            asr = attack_success_rate(pt, trig["label"], attack.target_label)
             rem = (args.poisoned_asr - asr) / (args.poisoned_asr - args.floor_asr)
             removals.append(rem)
             print(f"{k} | {' + '.join(subset)} | CA {ca * 100:.1f} | ASR {asr * 100:.1f} | removal {rem:.2f}")

@@ -257,24 +257,15 @@ class W2SDefense(Defense):
 
     def run(self, ctx: DefenseContext, config: W2SConfig) -> DefenseResult:
         with Timer() as timer:
-            # a student without a trained head gets a random one: seed it like the adapter
-            torch.manual_seed(ctx.train.seed if config.seed is None else config.seed)
+            overrides = {k: v for k, v in (("lr", config.lr), ("epochs", config.epochs),
+                                            ("schedule", config.schedule), ("ema", config.ema),
+                                            ("seed", config.seed)) if v is not None}
+            train_cfg = dataclasses.replace(ctx.train, select_best=config.select == "best", **overrides)
+            torch.manual_seed(train_cfg.seed)  # a student without a trained head gets a random one
             student = load_classifier(ctx.student, num_labels=ctx.task.num_labels,
                                       label_names=ctx.task.label_names, options=ctx.options)
             with Timer() as t_teacher:
                 teacher = prepare_teacher(config, ctx.task, student.hidden_size, ctx.train, options=ctx.options)
-            train_cfg = ctx.train
-            if config.lr is not None:
-                train_cfg = dataclasses.replace(train_cfg, lr=config.lr)
-            if config.epochs is not None:
-                train_cfg = dataclasses.replace(train_cfg, epochs=config.epochs)
-            if config.schedule is not None:
-                train_cfg = dataclasses.replace(train_cfg, schedule=config.schedule)
-            if config.ema is not None:
-                train_cfg = dataclasses.replace(train_cfg, ema=config.ema)
-            train_cfg = dataclasses.replace(train_cfg, select_best=config.select == "best")
-            if config.seed is not None:
-                train_cfg = dataclasses.replace(train_cfg, seed=config.seed)
             adapter = student_adapter(ctx.adapter if ctx.adapter is not None else AdapterConfig(), config)
             loss_fn = make_w2s_loss_fn(teacher.logits, teacher.features, config)
             with Timer() as t_student:
