@@ -7,7 +7,7 @@ import torch
 
 from kdshield.data.core import TaskData
 from kdshield.defenses import DEFENSES, DefenseContext
-from kdshield.defenses.w2s import W2SConfig, make_w2s_loss_fn, prepare_teacher, w2s_loss
+from kdshield.defenses.w2s import W2SConfig, insert_spans, make_w2s_loss_fn, prepare_teacher, w2s_loss
 from kdshield.errors import ConfigError
 from kdshield.models.adapters import AdapterConfig, attach_adapter
 from kdshield.models.classifier import load_classifier
@@ -64,6 +64,23 @@ def test_config_validation():
     assert W2SConfig() == W2SConfig.from_preset("embedded")  # the defaults are the tuned embedded preset
     with pytest.raises(ConfigError, match="w2s.lora_r"):
         W2SConfig(lora_r=0)
+    with pytest.raises(ConfigError, match="w2s.insert_share"):
+        W2SConfig(insert_share=1.5)
+
+
+def test_insert_spans_puts_other_rows_words_inside_and_is_seeded():
+    texts = [" ".join(f"w{i}_{k}" for k in range(10)) for i in range(20)]
+    assert insert_spans(texts, 0.0, seed=0) == texts
+    out = insert_spans(texts, 1.0, seed=0)
+    assert out == insert_spans(texts, 1.0, seed=0) and out != insert_spans(texts, 1.0, seed=1)
+    for i, (old, new) in enumerate(zip(texts, out)):
+        words, added = new.split(), len(new.split()) - 10
+        assert 3 <= added <= 8
+        assert words[0] == old.split()[0] and words[-1] == old.split()[-1]  # interior boundary
+        foreign = [w for w in words if not w.startswith(f"w{i}_")]
+        assert len(foreign) == added and len({w.split("_")[0] for w in foreign}) == 1  # one other row's span
+    half = insert_spans(texts, 0.5, seed=0)
+    assert 0 < sum(a != b for a, b in zip(texts, half)) < len(texts)
 
 
 def test_student_adapter_overrides_only_lora():
@@ -206,3 +223,27 @@ def test_w2s_schedule_overrides_the_shared_one(tiny_llama_dir, tiny_bert_dir, to
     assert res.logs["student_train"]["schedule"] == "constant"
     with pytest.raises(ConfigError, match="w2s.schedule"):
         W2SConfig(schedule="step")
+
+
+def test_w2s_insert_share_trains_on_augmented_rows_in_the_same_order(tiny_llama_dir, tiny_bert_dir, toy_dataset,
+                                                                     tmp_path, monkeypatch):
+    import kdshield.defenses.w2s as w2s
+
+    task = _task(toy_dataset)
+    seen = {}
+    real = w2s.peft_finetune
+
+    def spy(*args, train_data=None, **kwargs):
+        seen["texts"], seen["labels"] = list(train_data["text"]), list(train_data["label"])
+        return real(*args, train_data=train_data, **kwargs)
+
+    monkeypatch.setattr(w2s, "peft_finetune", spy)
+    ctx = DefenseContext(student=str(tiny_llama_dir), task=task, output_dir=tmp_path / "run",
+                         train=TrainConfig(epochs=1, batch_size=8, precision="fp32"),
+                         adapter=AdapterConfig(kind="lora", r=4))
+    cfg = W2SConfig(teacher=str(tiny_bert_dir), teacher_epochs=1, lr=5e-3, epochs=1, lora_r=4, lora_alpha=8.0,
+                    insert_share=1.0)
+    DEFENSES.get("w2s")().run(ctx, cfg)
+    clean = task.split("train")
+    assert seen["labels"] == list(clean["label"])  # row i is still row i: the teacher's cached outputs line up
+    assert all(len(a.split()) > len(b.split()) for a, b in zip(seen["texts"], clean["text"]))

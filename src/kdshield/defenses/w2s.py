@@ -28,6 +28,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import random
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,6 +36,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from kdshield import assets
+from kdshield.attacks.triggers import insert_tokens
 from kdshield.config import cfg_field, check_choice, check_range, config_to_dict
 from kdshield.data import TaskData
 from kdshield.defenses.base import DEFENSES, Defense, DefenseContext, DefenseResult, Timer, finish
@@ -100,6 +102,10 @@ class W2SConfig:
                       choices=list(SELECTIONS))
     seed: int | None = cfg_field(None, help="Seed of the student's training (adapter init, batch order); none: "
                                             "--train.seed. The teacher keeps --train.seed, so its cache is reused.")
+    insert_share: float = cfg_field(0.0, help="Experimental, not in the paper (0: off): share of the student's "
+                                              "training rows that get a random 3-8-word span of another training "
+                                              "row inserted at a word boundary, a trigger-agnostic augmentation; "
+                                              "the teacher's targets stay those of the unchanged row.")
     teacher_epochs: int = cfg_field(3, help="Epochs of the teacher's full fine-tuning.")
     teacher_lr: float = cfg_field(5e-5, help="Teacher learning rate.")
     teacher_batch_size: int = cfg_field(32, help="Teacher batch size.")
@@ -127,6 +133,7 @@ class W2SConfig:
             check_range("w2s.lora_alpha", self.lora_alpha, 0, 1e6, lo_open=True)
         if self.seed is not None:
             check_range("w2s.seed", self.seed, 0, 2**32 - 1)
+        check_range("w2s.insert_share", self.insert_share, 0, 1)
         check_range("w2s.teacher_epochs", self.teacher_epochs, 1, 100)
         check_range("w2s.teacher_lr", self.teacher_lr, 0, 1, lo_open=True)
         check_range("w2s.teacher_batch_size", self.teacher_batch_size, 1, 65536)
@@ -152,6 +159,24 @@ def w2s_loss(student_logits, student_features, labels, teacher_logits, teacher_f
         loss = loss + cfg.gamma * fa
         logs["fa"] = fa.detach()
     return loss, logs
+
+
+def insert_spans(texts: list[str], share: float, seed: int, span: tuple[int, int] = (3, 8)) -> list[str]:
+    """``texts`` where a ``share`` of the rows carry a random ``span``-word piece of another row, inserted
+    as one block at a random interior word boundary (as InSent inserts its sentence). Deterministic
+    in ``seed``; rows are never given their own words."""
+    rng = random.Random(seed)
+    out = []
+    for i, text in enumerate(texts):
+        if len(texts) < 2 or rng.random() >= share:
+            out.append(text)
+            continue
+        j = rng.randrange(len(texts) - 1)
+        donor = texts[j + (j >= i)].split()
+        k = min(len(donor), rng.randint(*span))
+        start = rng.randint(0, len(donor) - k)
+        out.append(" ".join(insert_tokens(text.split(), donor[start:start + k], "random", rng)))
+    return out
 
 
 def _texts_digest(texts, labels) -> str:
@@ -268,9 +293,14 @@ class W2SDefense(Defense):
                 teacher = prepare_teacher(config, ctx.task, student.hidden_size, ctx.train, options=ctx.options)
             adapter = student_adapter(ctx.adapter if ctx.adapter is not None else AdapterConfig(), config)
             loss_fn = make_w2s_loss_fn(teacher.logits, teacher.features, config)
+            train_data = ctx.task.split("train")
+            if config.insert_share:  # same rows in the same order: the cached teacher outputs still line up
+                texts = insert_spans(list(train_data["text"]), config.insert_share, train_cfg.seed)
+                train_data = train_data.remove_columns(["text"]).add_column("text", texts)
             with Timer() as t_student:
                 clf, res = peft_finetune(ctx.student, ctx.task, adapter, train_cfg, ctx.output_dir / "train",
-                                         resume=ctx.resume, loss_fn=loss_fn, model=student, desc="w2s",
+                                         resume=ctx.resume, loss_fn=loss_fn, train_data=train_data,
+                                         model=student, desc="w2s",
                                          monitor=ctx.attack, data_dir=ctx.data_dir)
         student_train = {k: getattr(train_cfg, k) for k in ("lr", "epochs", "schedule", "seed", "select_best",
                                                             "ema")}
