@@ -7,7 +7,13 @@ import torch
 
 from kdshield.data.core import TaskData
 from kdshield.defenses import DEFENSES, DefenseContext
-from kdshield.defenses.w2s import W2SConfig, insert_spans, make_w2s_loss_fn, prepare_teacher, w2s_loss
+from kdshield.defenses.w2s import (
+    W2SConfig,
+    insert_spans,
+    make_w2s_loss_fn,
+    prepare_teacher,
+    w2s_loss,
+)
 from kdshield.errors import ConfigError
 from kdshield.models.adapters import AdapterConfig, attach_adapter
 from kdshield.models.classifier import load_classifier
