@@ -40,12 +40,12 @@ def main() -> None:
     pdir = f"{args.work_dir}/smollm2-135m-{args.dataset}-{args.dataset}-s0/poisoned-{args.attack}-clean"
     attack = AttackConfig(attack=args.attack, clean_label=True)
     clean, trig = ca_set(block.task, attack, "test"), asr_set(block.task, attack, "test")
+    clf = load_classifier(f"{pdir}/model", num_labels=block.task.num_labels, label_names=block.task.label_names)
+    attach_adapter(clf, AdapterConfig(kind="lora", r=16, lora_alpha=32.0))
+    clf.eval()
     probs = {}
-    for run in args.runs:
-        clf = load_classifier(f"{pdir}/model", num_labels=block.task.num_labels, label_names=block.task.label_names)
-        attach_adapter(clf, AdapterConfig(kind="lora", r=16, lora_alpha=32.0))
+    for run in args.runs:  # each checkpoint holds every trainable weight (adapter and head): load it over the last
         load_trained_weights(clf, f"{pdir}/{run}/train", "last")
-        clf.eval()
         probs[run] = (predict(clf, list(clean["text"])).probs, predict(clf, list(trig["text"])).probs)
     for k in range(1, len(args.runs) + 1):
         removals = []
