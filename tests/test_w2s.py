@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -174,7 +176,8 @@ def test_w2s_keeps_last_weights_and_logs_dev_asr(tiny_llama_dir, tiny_bert_dir, 
     from kdshield.threat import AttackConfig
 
     task = _task(toy_dataset)
-    cfg = dict(teacher=str(tiny_bert_dir), teacher_epochs=1, lr=5e-3, epochs=3, lora_r=4, lora_alpha=8.0)
+    cfg = dict(teacher=str(tiny_bert_dir), teacher_epochs=1, lr=5e-3, epochs=3, lora_r=4, lora_alpha=8.0,
+               head_refit=False)  # the refit replaces the head after selection (tested on its own below)
     kept = {}
     for select in ("last", "best"):
         ctx = DefenseContext(student=str(tiny_llama_dir), task=task, output_dir=tmp_path / select,
@@ -253,3 +256,73 @@ def test_w2s_insert_share_trains_on_augmented_rows_in_the_same_order(tiny_llama_
     clean = task.split("train")
     assert seen["labels"] == list(clean["label"])  # row i is still row i: the teacher's cached outputs line up
     assert all(len(a.split()) > len(b.split()) for a, b in zip(seen["texts"], clean["text"]))
+
+
+def test_head_refit_drops_weights_on_directions_clean_data_leaves_unused():
+    from kdshield.models.classifier import ClassificationHead
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(400, 8, generator=g)
+    x[:, 7] = 0.0  # a direction the clean features never use (the trigger's, say)
+    y = (x[:, 0] + 0.3 * x[:, 1] > 0).long()
+    head = ClassificationHead(8, 2)
+    with torch.no_grad():
+        head.out.weight.zero_()
+        head.out.weight[:, 0] = torch.tensor([-1.0, 1.0])
+        head.out.weight[:, 7] = torch.tensor([5.0, -5.0])  # a dormant readout: "direction 7 means label 0"
+    triggered = torch.zeros(1, 8)
+    triggered[0, 0], triggered[0, 7] = 1.0, 1.0
+    assert head(triggered)[0].argmax().item() == 0  # the dormant weight wins
+    info = head.refit(x, y, l2=1e-3)
+    assert torch.allclose(head.out.weight[:, 7], torch.zeros(2))  # fit from zero: nothing along 7
+    assert head(triggered)[0].argmax().item() == 1
+    assert info["train_acc_after"] >= 0.97 and info["n"] == 400
+    # a stronger penalty gives smaller weights
+    strong = ClassificationHead(8, 2)
+    strong.refit(x, y, l2=1.0)
+    assert strong.out.weight.norm() < head.out.weight.norm()
+
+
+def test_head_refit_keeps_a_projection_and_rejects_bad_input():
+    from kdshield.models.classifier import ClassificationHead
+
+    head = ClassificationHead(6, 3, kind="projection", proj_dim=5)
+    proj = head.proj.weight.detach().clone()
+    x = torch.randn(60, 6)
+    y = torch.arange(60) % 3
+    head.refit(x, y)
+    assert torch.equal(head.proj.weight, proj)
+    with pytest.raises(ConfigError, match="width 6"):
+        head.refit(torch.randn(60, 5), y)
+    with pytest.raises(ConfigError, match="labels must be in 0..2"):
+        head.refit(x, y + 1)
+    with pytest.raises(ConfigError, match="head_refit_l2"):
+        W2SConfig(head_refit_l2=-1.0)
+
+
+def test_w2s_head_refit_end_to_end(tiny_llama_dir, tiny_bert_dir, toy_dataset, tmp_path):
+    from safetensors.torch import load_file
+
+    from kdshield.threat import AttackConfig
+
+    task = _task(toy_dataset)
+    ctx = DefenseContext(student=str(tiny_llama_dir), task=task, output_dir=tmp_path / "run",
+                         train=TrainConfig(epochs=1, batch_size=8, precision="fp32"),
+                         adapter=AdapterConfig(kind="lora", r=4), attack=AttackConfig(attack="badnet"))
+    cfg = W2SConfig(teacher=str(tiny_bert_dir), teacher_epochs=1, lr=5e-3, epochs=1, lora_r=4, lora_alpha=8.0,
+                    head_refit=True)
+    res = DEFENSES.get("w2s")().run(ctx, cfg)
+    refit = res.logs["head_refit"]
+    assert refit["n"] == 48 and 0.0 <= refit["train_acc_after"] <= 1.0
+    assert 0.0 <= refit["dev_after"]["asr"] <= 1.0  # the monitor sees the refit student
+    trained = load_file(str(tmp_path / "run" / "train" / "checkpoint" / "trainable.safetensors"))
+    params = dict(res.model.named_parameters())
+    assert not torch.equal(params["head.out.weight"].detach().cpu(), trained["head.out.weight"])  # refit
+    lora = [n for n in trained if "lora_" in n]
+    assert lora and all(torch.equal(params[n].detach().cpu(), trained[n]) for n in lora)  # backbone kept
+    assert DEFENSES.get("w2s")().run(ctx, dataclasses.replace(cfg, head_refit=False)).logs["head_refit"] is None
+
+
+def test_head_refit_is_on_by_default_and_off_in_the_paper_presets():
+    assert W2SConfig().head_refit and W2SConfig.from_preset("embedded").head_refit
+    assert not any(W2SConfig.from_preset(p).head_refit for p in ("paper-badnet", "paper-insent", "paper-syntactic"))

@@ -58,11 +58,13 @@ SELECTIONS = ("last", "best")
 # embedded assets (SmolLM2-135M student, MiniLM teacher; see benchmarks/W2S_TUNING.md).
 PRESETS: dict[str, dict] = {
     "embedded": {"alpha": 1.0, "beta": 1.0, "gamma": 0.01, "temperature": 2.0, "lr": 1e-3, "epochs": 4,
-                 "lora_r": 16, "lora_alpha": 32.0},
-    "paper-badnet": {"alpha": 5.0, "beta": 0.001, "gamma": 0.001, "temperature": 2.0, "lr": 2e-4, "epochs": 5},
-    "paper-insent": {"alpha": 3.0, "beta": 0.01, "gamma": 0.001, "temperature": 2.0, "lr": 2e-4, "epochs": 5},
+                 "lora_r": 16, "lora_alpha": 32.0, "head_refit": True},
+    "paper-badnet": {"alpha": 5.0, "beta": 0.001, "gamma": 0.001, "temperature": 2.0, "lr": 2e-4, "epochs": 5,
+                     "head_refit": False},
+    "paper-insent": {"alpha": 3.0, "beta": 0.01, "gamma": 0.001, "temperature": 2.0, "lr": 2e-4, "epochs": 5,
+                     "head_refit": False},
     "paper-syntactic": {"alpha": 1.0, "beta": 0.035, "gamma": 0.002, "temperature": 2.0, "lr": 2e-4,
-                        "epochs": 5},
+                        "epochs": 5, "head_refit": False},
 }
 
 
@@ -107,6 +109,14 @@ class W2SConfig:
                                               "row inserted at a word boundary, a trigger-agnostic augmentation; "
                                               "the teacher's targets stay those of the unchanged row. 0.5 gave "
                                               "no gain on average over 4 seeds of InSent (W2S_TUNING.md).")
+    head_refit: bool = cfg_field(True, help="Not in the paper (its presets turn it off): after training, fit the "
+                                           "student's output layer anew, from zero, on its pooled features of the "
+                                           "clean training rows (L2-regularised logistic regression). The poisoned "
+                                           "head's weights along directions clean data leaves unused get no "
+                                           "gradient from clean fine-tuning and keep reading the trigger; a head "
+                                           "fit from zero has none. Costs one forward pass over the training set.")
+    head_refit_l2: float = cfg_field(1e-3, help="L2 weight of the head refit: mean cross-entropy + l2/2 * ||W||^2 "
+                                                "(1e-3 on 2,000 rows is scikit-learn's C=1).")
     teacher_epochs: int = cfg_field(3, help="Epochs of the teacher's full fine-tuning.")
     teacher_lr: float = cfg_field(5e-5, help="Teacher learning rate.")
     teacher_batch_size: int = cfg_field(32, help="Teacher batch size.")
@@ -135,6 +145,7 @@ class W2SConfig:
         if self.seed is not None:
             check_range("w2s.seed", self.seed, 0, 2**32 - 1)
         check_range("w2s.insert_share", self.insert_share, 0, 1)
+        check_range("w2s.head_refit_l2", self.head_refit_l2, 0, 1e4)
         check_range("w2s.teacher_epochs", self.teacher_epochs, 1, 100)
         check_range("w2s.teacher_lr", self.teacher_lr, 0, 1, lo_open=True)
         check_range("w2s.teacher_batch_size", self.teacher_batch_size, 1, 65536)
@@ -253,6 +264,14 @@ def prepare_teacher(cfg: W2SConfig, task: TaskData, student_hidden: int, train_c
     return Teacher(teacher, path, logits, features, dev_ca, trained=True)
 
 
+def refit_head(clf: Classifier, data, l2: float, *, max_length: int = 64, precision: str = "auto") -> dict:
+    """Refit ``clf``'s output layer from zero on its pooled features of ``data`` (text, label); see
+    ``W2SConfig.head_refit``. The backbone and adapter stay as they are."""
+    preds = predict(clf, list(data["text"]), with_features=True, max_length=max_length, precision=precision,
+                    desc="head refit")
+    return clf.head.refit(torch.from_numpy(preds.features), torch.as_tensor(list(data["label"])), l2=l2)
+
+
 def student_adapter(adapter: AdapterConfig, cfg: W2SConfig) -> AdapterConfig:
     """The shared adapter settings with this defense's LoRA rank / alpha overrides applied."""
     if adapter.kind != "lora":
@@ -303,10 +322,18 @@ class W2SDefense(Defense):
                                          resume=ctx.resume, loss_fn=loss_fn, train_data=train_data,
                                          model=student, desc="w2s",
                                          monitor=ctx.attack, data_dir=ctx.data_dir)
+                refit = None
+                if config.head_refit:  # on the clean rows, never the augmented ones
+                    refit = refit_head(clf, ctx.task.split("train"), config.head_refit_l2,
+                                       max_length=train_cfg.max_length, precision=train_cfg.precision)
+                    refit["dev_after"] = dev_eval_fn(ctx.task, ctx.attack, data_dir=ctx.data_dir,
+                                                     max_length=train_cfg.max_length)(clf)
+                    log.info("head refit: train accuracy %.3f -> %.3f; dev after %s", refit["train_acc_before"],
+                             refit["train_acc_after"], refit["dev_after"])
         student_train = {k: getattr(train_cfg, k) for k in ("lr", "epochs", "schedule", "seed", "select_best",
                                                             "ema")}
         logs = {"adapter": config_to_dict(adapter), "student_train": student_train,
                 "teacher_path": str(teacher.path), "teacher_dev_ca": teacher.dev_ca,
                 "teacher_trained": teacher.trained, "teacher_s": round(t_teacher.s, 1),
-                "student_s": round(t_student.s, 1), "train": res.to_dict()}
+                "student_s": round(t_student.s, 1), "train": res.to_dict(), "head_refit": refit}
         return finish(DefenseResult(model=clf, trainable_params=res.trainable_params, logs=logs), timer)

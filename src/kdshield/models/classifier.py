@@ -73,6 +73,47 @@ class ClassificationHead(nn.Module):
         return {"kind": self.kind, "hidden": self.hidden, "num_labels": self.num_labels,
                 "proj_dim": self.proj_dim}
 
+    @torch.no_grad()
+    def refit(self, features: torch.Tensor, labels: torch.Tensor, l2: float = 1e-3, max_iter: int = 500) -> dict:
+        """Fit the output layer anew, from zero, on fixed ``features`` (L2-regularised logistic regression).
+
+        Minimises ``mean_i CE(W x_i + b, y_i) + l2 / 2 * ||W||^2`` (bias not penalised) with L-BFGS in
+        float64; for a projection head ``x`` is ``relu(proj(features))``, ``proj`` stays. Returns the
+        fit's training accuracy before and after and the objective at the end.
+        """
+        x = features.detach().to(torch.float64).cpu()
+        y = labels.detach().long().cpu()
+        if x.ndim != 2 or x.shape[0] != y.shape[0] or x.shape[1] != self.hidden:
+            raise ConfigError(f"head refit: features {tuple(x.shape)} and labels {tuple(y.shape)} do not match a "
+                              f"head of width {self.hidden}")
+        if y.numel() == 0 or y.min() < 0 or y.max() >= self.num_labels:
+            raise ConfigError(f"head refit: labels must be in 0..{self.num_labels - 1}")
+        if self.kind == "projection":
+            x = torch.relu(x @ self.proj.weight.double().cpu().T + self.proj.bias.double().cpu())
+
+        def accuracy(w, b) -> float:
+            return round(float(((x @ w.T + b).argmax(1) == y).double().mean()), 4)
+
+        before = accuracy(self.out.weight.double().cpu(), self.out.bias.double().cpu())
+        weight = torch.zeros(self.num_labels, x.shape[1], dtype=torch.float64, requires_grad=True)
+        bias = torch.zeros(self.num_labels, dtype=torch.float64, requires_grad=True)
+        opt = torch.optim.LBFGS([weight, bias], lr=1.0, max_iter=max_iter, tolerance_grad=1e-9,
+                                tolerance_change=1e-12, history_size=20, line_search_fn="strong_wolfe")
+
+        def objective():
+            opt.zero_grad()
+            with torch.enable_grad():
+                loss = nn.functional.cross_entropy(x @ weight.T + bias, y) + 0.5 * l2 * weight.pow(2).sum()
+                loss.backward()
+            return loss
+
+        opt.step(objective)
+        loss = float(objective())
+        self.out.weight.copy_(weight.detach().to(self.out.weight))
+        self.out.bias.copy_(bias.detach().to(self.out.bias))
+        return {"train_acc_before": before, "train_acc_after": accuracy(weight.detach(), bias.detach()),
+                "objective": round(loss, 5), "l2": l2, "n": int(y.numel())}
+
 
 def is_encoder_config(config) -> bool:
     """BERT-like (masked LM family) models pool [CLS]; everything else pools the last token."""
