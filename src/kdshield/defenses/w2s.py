@@ -324,8 +324,10 @@ class W2SDefense(Defense):
                                          monitor=ctx.attack, data_dir=ctx.data_dir)
                 refit = None
                 if config.head_refit:  # on the clean rows, never the augmented ones
-                    refit = refit_head(clf, ctx.task.split("train"), config.head_refit_l2,
-                                       max_length=train_cfg.max_length, precision=train_cfg.precision)
+                    with Timer() as t_refit:
+                        refit = refit_head(clf, ctx.task.split("train"), config.head_refit_l2,
+                                           max_length=train_cfg.max_length, precision=train_cfg.precision)
+                    refit["s"] = round(t_refit.s, 1)
                     refit["dev_after"] = dev_eval_fn(ctx.task, ctx.attack, data_dir=ctx.data_dir,
                                                      max_length=train_cfg.max_length)(clf)
                     log.info("head refit: train accuracy %.3f -> %.3f; dev after %s", refit["train_acc_before"],
