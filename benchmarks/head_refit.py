@@ -9,8 +9,8 @@ Each RUN is a defense folder next to the poisoned model in the benchmark work di
 ``--never-poisoned`` the runs are folders of the dataset's work dir trained on the never-poisoned
 student (``clean-w2s`` from configs/clean-model.yaml), and ``poisoned`` means that clean student.
 ``w2s.head_refit`` runs after the student's training and does not change it, so refitting the
-stored last weights gives what a run with ``head_refit`` on gives (bench_embedded.py checks that end
-to end). For each run and each L2 weight the script prints test and dev CA / ASR with the run's own
+stored last weights gives what a run with ``head_refit`` on gives (the ninth session's bench runs with
+the refit matched the earlier runs' dev CA / ASR at every epoch end). For each run and each L2 weight the script prints test and dev CA / ASR with the run's own
 head and with a head refit by ``kdshield.defenses.w2s.refit_head`` on the clean training rows, and
 the removal ratio against the poisoned model's ASR and the floor read from the results file.
 """
