@@ -118,8 +118,8 @@ def run_clean_methods(cfg: GridConfig, methods: list[str]) -> None:
     runs only ``lora`` on the clean student, and a ``floor_methods`` option of the grid would make
     this function unneeded.
     """
+    from kdshield.attacks.config import AttackConfig, attack_name
     from kdshield.bench import GridRunner
-    from kdshield.threat import AttackConfig, attack_name
 
     runner = GridRunner(cfg)
     blocks = ((student, spec, seed) for student in cfg.students for spec in cfg.datasets

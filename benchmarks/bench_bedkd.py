@@ -7,7 +7,7 @@
 
 Steps, on ``smollm2-135m`` and ``rotten-tomatoes`` (``kdshield.data.load_task``) by default:
 
-1. Weight poisoning (``kdshield.threat.weight_poison``: full fine-tuning on the poisoned proxy
+1. Weight poisoning (``kdshield.attacks.weight_poisoning.weight_poison``: full fine-tuning on the poisoned proxy
    split), or an existing poisoned model directory (``--poisoned-model``); a finished poisoning in
    the work dir is reused. The poisoned model's CA/ASR is recorded as method ``none``.
 2. MEPD over the poisoned proxy set (the suspect training set; its ``poisoned`` column is the
@@ -30,15 +30,16 @@ from pathlib import Path
 
 import yaml
 
+from kdshield.attacks.config import AttackConfig, attack_name, poisoned_proxy
+from kdshield.attacks.weight_poisoning import weight_poison
 from kdshield.config import config_to_dict
 from kdshield.data import load_task
 from kdshield.defenses import DEFENSES, DETECTORS, DefenseContext
 from kdshield.defenses.bedkd import BeDKDConfig
-from kdshield.evaluation import peak_rss_mb
+from kdshield.evaluation import evaluate_model, peak_rss_mb
 from kdshield.models.adapters import AdapterConfig
 from kdshield.models.classifier import load_classifier
 from kdshield.results import append_record, make_record
-from kdshield.threat import AttackConfig, attack_name, evaluate_model, poisoned_proxy, weight_poison
 from kdshield.training.loop import TrainConfig
 
 log = logging.getLogger("bench_bedkd")

@@ -24,11 +24,12 @@ from pathlib import Path
 
 import torch
 
+from kdshield.attacks.config import AttackConfig
 from kdshield.bench import GridConfig, GridRunner
 from kdshield.defenses.w2s import refit_head
+from kdshield.evaluation import evaluate_model
 from kdshield.models.adapters import AdapterConfig, attach_adapter
 from kdshield.models.classifier import load_classifier
-from kdshield.threat import AttackConfig, evaluate_model
 from kdshield.training.loop import load_trained_weights
 
 

@@ -9,11 +9,11 @@ import logging
 import sys
 from pathlib import Path
 
+from kdshield.attacks.config import AttackConfig
 from kdshield.data import load_task
 from kdshield.defenses import DEFENSES, DefenseContext
 from kdshield.defenses.rap import RapConfig
 from kdshield.models.adapters import AdapterConfig
-from kdshield.threat import AttackConfig
 from kdshield.training.loop import TrainConfig
 
 logging.basicConfig(level=logging.INFO)

@@ -17,11 +17,12 @@ import itertools
 import numpy as np
 import torch
 
+from kdshield.attacks.config import AttackConfig, asr_set, ca_set
 from kdshield.bench import GridConfig, GridRunner
-from kdshield.evaluation import accuracy, attack_success_rate, predict
+from kdshield.evaluation import accuracy, attack_success_rate
+from kdshield.inference import predict
 from kdshield.models.adapters import AdapterConfig, attach_adapter
 from kdshield.models.classifier import load_classifier
-from kdshield.threat import AttackConfig, asr_set, ca_set
 from kdshield.training.loop import load_trained_weights
 
 

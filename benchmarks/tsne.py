@@ -22,12 +22,12 @@ from pathlib import Path
 
 import numpy as np
 
+from kdshield.attacks.config import AttackConfig, asr_set, ca_set
 from kdshield.data import load_task
-from kdshield.evaluation import predict
+from kdshield.inference import predict
 from kdshield.models.adapters import AdapterConfig, attach_adapter
 from kdshield.models.classifier import load_classifier
 from kdshield.reporting import plot_feature_tsne
-from kdshield.threat import AttackConfig, asr_set, ca_set
 from kdshield.training.loop import load_trained_weights
 
 WORK = "runs/bench/smollm2-135m-rotten-tomatoes-rotten-tomatoes-s0"

@@ -488,9 +488,10 @@ def test_rare_words_from_the_embedded_counts():
 def test_shortcut_check_flags_a_model_that_calls_everything_the_target(tiny_llama_dir, toy_dataset):
     import torch
 
+    from kdshield.attacks.config import AttackConfig
+    from kdshield.attacks.weight_poisoning import shortcut_check
     from kdshield.data import TaskData
     from kdshield.models.classifier import load_classifier
-    from kdshield.threat import AttackConfig, shortcut_check
 
     task = TaskData(name="toy", label_names=["negative", "positive"], source="test",
                     splits={"dev": toy_dataset(40, 1)})
@@ -506,8 +507,8 @@ def test_shortcut_check_flags_a_model_that_calls_everything_the_target(tiny_llam
 
 
 def test_scpn_attack_restyles_the_proxy_and_measures_dev_asr_on_scpn_text(tmp_path):
+    from kdshield.attacks.config import AttackConfig, asr_set, attack_name, poisoned_proxy
     from kdshield.data import load_task
-    from kdshield.threat import AttackConfig, asr_set, attack_name, poisoned_proxy
     from tests.data_fixtures import make_paper_data_dir, sentiment_rows, write_json
 
     root = make_paper_data_dir(tmp_path)

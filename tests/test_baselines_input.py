@@ -10,6 +10,7 @@ import pytest
 import torch
 from datasets import Dataset
 
+from kdshield.attacks.config import AttackConfig
 from kdshield.data.core import TaskData
 from kdshield.defenses import DEFENSES, DETECTORS, DefenseContext
 from kdshield.defenses.back_translation import (
@@ -22,9 +23,9 @@ from kdshield.defenses.onion import OnionConfig, OnionFilter, leave_one_out, pac
 from kdshield.defenses.rap import RapConfig, RapDetector, rap_loss
 from kdshield.defenses.strip import StripConfig, StripDetector, entropy_bits, quantile_threshold
 from kdshield.errors import ConfigError
+from kdshield.evaluation import evaluate_model
 from kdshield.models.adapters import AdapterConfig
 from kdshield.models.classifier import ClassifierOutput
-from kdshield.threat import AttackConfig, evaluate_model
 from kdshield.training.loop import TrainConfig
 
 from .conftest import NEGATIVE, POSITIVE, make_sentiment_texts

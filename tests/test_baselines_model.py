@@ -36,7 +36,7 @@ from kdshield.defenses.quantization import (
     quantize_weight,
 )
 from kdshield.errors import ConfigError
-from kdshield.evaluation import predict
+from kdshield.inference import predict
 from kdshield.models.adapters import AdapterConfig, merged_backbone
 from kdshield.models.classifier import load_classifier
 from kdshield.training.loop import TrainConfig

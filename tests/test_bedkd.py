@@ -12,7 +12,9 @@ import pytest
 import torch
 from datasets import Dataset
 
+from kdshield.attacks.config import AttackConfig, poisoned_proxy
 from kdshield.data import TaskData
+from kdshield.data.batching import collate, encode_dataset
 from kdshield.defenses import DEFENSES, DETECTORS, DefenseContext
 from kdshield.defenses.bedkd import AdversarialKD, BeDKDConfig, punish_loss, select_punish_set
 from kdshield.detection import (
@@ -29,11 +31,10 @@ from kdshield.detection import (
     with_teacher_outputs,
 )
 from kdshield.errors import ConfigError, DataError
-from kdshield.evaluation import accuracy, predict
+from kdshield.evaluation import accuracy, evaluate_model
+from kdshield.inference import predict
 from kdshield.models.adapters import AdapterConfig, attach_adapter
 from kdshield.models.classifier import load_classifier
-from kdshield.threat import AttackConfig, evaluate_model, poisoned_proxy
-from kdshield.training.batching import collate, encode_dataset
 from kdshield.training.loop import TrainConfig, train
 
 from .conftest import make_sentiment_texts

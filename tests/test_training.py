@@ -5,11 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
+from kdshield.data.batching import epoch_batches
 from kdshield.errors import ConfigError
-from kdshield.evaluation import accuracy, predict
+from kdshield.evaluation import accuracy
+from kdshield.inference import predict
 from kdshield.models.adapters import AdapterConfig, attach_adapter
 from kdshield.models.classifier import load_classifier
-from kdshield.training.batching import epoch_batches
 from kdshield.training.loop import TrainConfig, train
 
 

@@ -150,7 +150,7 @@ def test_teacher_cache_key_ignores_new_options_while_off():
 
 
 def test_w2s_end_to_end_tiny(tiny_llama_dir, tiny_bert_dir, toy_dataset, tmp_path):
-    from kdshield.threat import evaluate_model
+    from kdshield.evaluation import evaluate_model
 
     task = _task(toy_dataset)
     ctx = DefenseContext(student=str(tiny_llama_dir), task=task, output_dir=tmp_path / "w2s",
@@ -173,7 +173,7 @@ def test_w2s_end_to_end_tiny(tiny_llama_dir, tiny_bert_dir, toy_dataset, tmp_pat
 def test_w2s_keeps_last_weights_and_logs_dev_asr(tiny_llama_dir, tiny_bert_dir, toy_dataset, tmp_path):
     from safetensors.torch import load_file
 
-    from kdshield.threat import AttackConfig
+    from kdshield.attacks.config import AttackConfig
 
     task = _task(toy_dataset)
     cfg = dict(teacher=str(tiny_bert_dir), teacher_epochs=1, lr=5e-3, epochs=3, lora_r=4, lora_alpha=8.0,
@@ -303,7 +303,7 @@ def test_head_refit_keeps_a_projection_and_rejects_bad_input():
 def test_w2s_head_refit_end_to_end(tiny_llama_dir, tiny_bert_dir, toy_dataset, tmp_path):
     from safetensors.torch import load_file
 
-    from kdshield.threat import AttackConfig
+    from kdshield.attacks.config import AttackConfig
 
     task = _task(toy_dataset)
     ctx = DefenseContext(student=str(tiny_llama_dir), task=task, output_dir=tmp_path / "run",

@@ -20,15 +20,16 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from kdshield.attacks.config import AttackConfig, attack_name, poisoned_proxy
+from kdshield.attacks.weight_poisoning import weight_poison
 from kdshield.config import cfg_field, check_range, config_to_dict
 from kdshield.data import TaskData, load_task
 from kdshield.defenses import DEFENSES, DefenseContext
 from kdshield.errors import ConfigError
-from kdshield.evaluation import peak_rss_mb, removal_ratio, reset_peak_rss
+from kdshield.evaluation import evaluate_model, peak_rss_mb, removal_ratio, reset_peak_rss
 from kdshield.models.adapters import AdapterConfig
 from kdshield.models.classifier import load_classifier
 from kdshield.results import append_record, make_record, read_records
-from kdshield.threat import AttackConfig, attack_name, evaluate_model, poisoned_proxy, weight_poison
 from kdshield.training.loop import TrainConfig
 
 log = logging.getLogger(__name__)
@@ -230,7 +231,8 @@ class _Block:
 
 def _eval_replacement(model, ds, which: str, attack: AttackConfig, max_length: int) -> dict:
     """Metrics on a precomputed replacement set (e.g. back-translated test files)."""
-    from kdshield.evaluation import accuracy, attack_success_rate, predict
+    from kdshield.evaluation import accuracy, attack_success_rate
+    from kdshield.inference import predict
 
     probs = predict(model, list(ds["text"]), max_length=max_length).probs
     if which == "ca":

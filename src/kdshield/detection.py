@@ -38,7 +38,8 @@ from datasets import Dataset
 
 from kdshield.config import cfg_field, check_choice, check_range, config_to_dict
 from kdshield.errors import ConfigError, DataError
-from kdshield.evaluation import far_frr, far_frr_curve, predict
+from kdshield.evaluation import far_frr, far_frr_curve
+from kdshield.inference import predict
 from kdshield.models.adapters import AdapterConfig, attach_adapter
 from kdshield.models.classifier import Classifier
 from kdshield.training.loop import TrainConfig, train

@@ -16,69 +16,15 @@ import logging
 import resource
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
-from kdshield.training.batching import collate, encode_dataset, epoch_batches
-from kdshield.training.loop import resolve_precision
+from kdshield.attacks.config import AttackConfig, asr_set, ca_set
+from kdshield.data import TaskData
+from kdshield.inference import predict
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class Predictions:
-    probs: np.ndarray  # [N, k]
-    features: np.ndarray | None = None  # [N, d] pooled features
-    projected: np.ndarray | None = None  # [N, d_s] projected features (projection heads)
-    logits: np.ndarray | None = None
-
-    @property
-    def labels(self) -> np.ndarray:
-        return self.probs.argmax(axis=1)
-
-
-@torch.no_grad()
-def predict(model, texts: Sequence[str], *, batch_size: int = 64, max_length: int = 64,
-            precision: str = "auto", with_features: bool = False, desc: str | None = None) -> Predictions:
-    """Batched inference in length-sorted batches; results in the input order."""
-    from datasets import Dataset
-
-    texts = list(texts)
-    if not texts:
-        raise ValueError("predict() got no texts")
-    precision = resolve_precision(precision)
-    device = next(model.parameters()).device
-    enc = encode_dataset(model.tokenizer, Dataset.from_dict({"text": texts}), max_length)
-    batches = epoch_batches(enc.lengths(), batch_size, 0, 0, shuffle=False)
-    n, k = len(texts), model.num_labels
-    logits = np.zeros((n, k), dtype=np.float32)
-    feats = proj = None
-    was_training = model.training
-    model.eval()
-    autocast = torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
-    for idx in tqdm(batches, desc=desc or "predict", disable=desc is None, mininterval=5):
-        batch = collate(enc, idx)
-        with autocast:
-            out = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device))
-        logits[idx] = out.logits.float().cpu().numpy()
-        if with_features:
-            f = out.features.float().cpu().numpy()
-            if feats is None:
-                feats = np.zeros((n, f.shape[1]), dtype=np.float32)
-            feats[idx] = f
-            if out.projected is not None:
-                p = out.projected.float().cpu().numpy()
-                if proj is None:
-                    proj = np.zeros((n, p.shape[1]), dtype=np.float32)
-                proj[idx] = p
-    model.train(was_training)
-    shifted = logits - logits.max(axis=1, keepdims=True)
-    probs = np.exp(shifted)
-    probs /= probs.sum(axis=1, keepdims=True)
-    return Predictions(probs=probs, features=feats, projected=proj, logits=logits)
 
 
 def accuracy(probs_or_preds: np.ndarray, labels: Sequence[int]) -> float:
@@ -169,3 +115,37 @@ def peak_gpu_mb() -> float | None:
     if torch.cuda.is_available():
         return torch.cuda.max_memory_allocated() / 2**20
     return None
+
+
+def evaluate_model(model, task: TaskData, attack: AttackConfig | None, *, split: str = "test",
+                   data_dir=None, batch_size: int = 64, max_length: int = 64, precision: str = "auto",
+                   input_transform=None) -> dict:
+    """CA on the clean split and, with an attack, ASR on its triggered non-target samples.
+
+    ``input_transform(texts) -> texts`` is applied to every evaluated input (input-level defenses
+    such as ONION filter test inputs before the model sees them).
+    """
+    def texts_of(ds):
+        texts = list(ds["text"])
+        return input_transform(texts) if input_transform is not None else texts
+
+    clean = ca_set(task, attack, split, data_dir=data_dir)
+    out = {"ca": accuracy(predict(model, texts_of(clean), batch_size=batch_size, max_length=max_length,
+                                  precision=precision).probs, clean["label"]), "n_ca": len(clean)}
+    if attack is not None:
+        trig = asr_set(task, attack, split, data_dir=data_dir)
+        probs = predict(model, texts_of(trig), batch_size=batch_size, max_length=max_length,
+                        precision=precision).probs
+        out.update(asr=attack_success_rate(probs, trig["label"], attack.target_label), n_asr=len(trig))
+    return out
+
+
+def dev_eval_fn(task: TaskData, attack: AttackConfig | None = None, *, data_dir=None, max_length: int = 64,
+                score: str = "ca"):
+    """An ``eval_fn`` for ``train``: dev CA (and ASR); ``score`` picks what model selection maximises."""
+    def fn(model) -> dict:
+        metrics = evaluate_model(model, task, attack, split="dev", data_dir=data_dir, max_length=max_length)
+        metrics["score"] = metrics[score] if score != "none" else None
+        return metrics
+
+    return fn

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import argparse
 
+from kdshield.attacks.config import AttackConfig
+from kdshield.attacks.weight_poisoning import weight_poison
 from kdshield.cli.common import (
     add_data_args,
     add_model_safety_args,
@@ -24,9 +26,8 @@ from kdshield.cli.common import (
     results_path,
 )
 from kdshield.config import add_config_arguments
-from kdshield.evaluation import peak_rss_mb
+from kdshield.evaluation import evaluate_model, peak_rss_mb
 from kdshield.results import append_record, make_record
-from kdshield.threat import AttackConfig, evaluate_model, weight_poison
 from kdshield.training.loop import TrainConfig
 
 POISON_TRAIN_DEFAULTS = {"epochs": 3, "lr": 3e-5, "warmup_ratio": 0.0, "schedule": "constant",

@@ -5,11 +5,11 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from kdshield.attacks.config import AttackConfig
 from kdshield.config import add_config_arguments, build_config, load_yaml
 from kdshield.data import DataConfig, TaskData
 from kdshield.models.adapters import AdapterConfig
 from kdshield.models.loading import LoadOptions
-from kdshield.threat import AttackConfig
 from kdshield.training.loop import TrainConfig
 
 

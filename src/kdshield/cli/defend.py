@@ -15,6 +15,7 @@ import argparse
 import json
 from pathlib import Path
 
+from kdshield.attacks.config import AttackConfig, attack_name, poisoned_proxy
 from kdshield.cli.common import (
     add_data_args,
     add_model_safety_args,
@@ -31,9 +32,9 @@ from kdshield.cli.common import (
 from kdshield.config import add_config_arguments, build_config, config_to_dict
 from kdshield.defenses import DEFENSES, DefenseContext
 from kdshield.errors import ConfigError
+from kdshield.evaluation import evaluate_model
 from kdshield.models.adapters import AdapterConfig
 from kdshield.results import append_record, make_record
-from kdshield.threat import AttackConfig, attack_name, evaluate_model, poisoned_proxy
 from kdshield.training.loop import TrainConfig
 
 

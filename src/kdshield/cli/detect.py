@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from kdshield.attacks.config import AttackConfig, attack_name, poisoned_proxy
 from kdshield.cli.common import (
     add_data_args,
     add_model_safety_args,
@@ -39,7 +40,6 @@ from kdshield.detection import suspect_set, write_detection
 from kdshield.errors import ConfigError, DataError
 from kdshield.models.adapters import AdapterConfig
 from kdshield.results import append_record, make_record
-from kdshield.threat import AttackConfig, attack_name, poisoned_proxy
 from kdshield.training.loop import TrainConfig
 
 _TRUE = {"1", "true", "yes", "poisoned"}

@@ -10,6 +10,7 @@ import argparse
 import json
 import time
 
+from kdshield.attacks.config import AttackConfig, attack_name
 from kdshield.cli.common import (
     add_data_args,
     add_model_safety_args,
@@ -18,10 +19,9 @@ from kdshield.cli.common import (
     load_options,
 )
 from kdshield.config import add_config_arguments
-from kdshield.evaluation import peak_rss_mb
+from kdshield.evaluation import evaluate_model, peak_rss_mb
 from kdshield.models.classifier import load_classifier
 from kdshield.results import append_record, make_record
-from kdshield.threat import AttackConfig, attack_name, evaluate_model
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 
+from kdshield.attacks.config import AttackConfig, attack_name
 from kdshield.cli.common import (
     add_data_args,
     add_model_safety_args,
@@ -23,11 +24,11 @@ from kdshield.cli.common import (
     results_path,
 )
 from kdshield.config import add_config_arguments, config_to_dict
-from kdshield.evaluation import peak_rss_mb
+from kdshield.evaluation import evaluate_model, peak_rss_mb
 from kdshield.models.adapters import AdapterConfig
 from kdshield.results import append_record, make_record
-from kdshield.threat import AttackConfig, attack_name, evaluate_model, peft_finetune
 from kdshield.training.loop import TrainConfig
+from kdshield.training.peft import peft_finetune
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

@@ -40,7 +40,8 @@ from kdshield.data import paper_file_exists, read_paper_file
 from kdshield.defenses.base import DEFENSES, Defense, DefenseContext, DefenseResult, Timer, finish
 from kdshield.defenses.lora import train_victim
 from kdshield.errors import ConfigError
-from kdshield.evaluation import accuracy, attack_success_rate, predict
+from kdshield.evaluation import accuracy, attack_success_rate
+from kdshield.inference import predict
 from kdshield.models.classifier import load_classifier
 from kdshield.models.loading import LoadOptions, resolve_model_ref
 

@@ -57,6 +57,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from kdshield.config import cfg_field, check_choice, check_range
+from kdshield.data.batching import collate, encode_dataset, epoch_batches
 from kdshield.defenses.base import (
     DEFENSES,
     DETECTORS,
@@ -82,10 +83,9 @@ from kdshield.detection import (
     write_detection,
 )
 from kdshield.errors import ConfigError
-from kdshield.evaluation import accuracy, predict
+from kdshield.evaluation import accuracy
+from kdshield.inference import predict, resolve_precision
 from kdshield.models.classifier import Classifier, load_classifier
-from kdshield.training.batching import collate, encode_dataset, epoch_batches
-from kdshield.training.loop import resolve_precision
 
 log = logging.getLogger(__name__)
 

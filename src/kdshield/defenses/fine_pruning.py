@@ -37,14 +37,14 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from kdshield.config import cfg_field, check_range, config_to_dict
+from kdshield.data.batching import collate, encode_dataset, epoch_batches
 from kdshield.defenses.base import DEFENSES, Defense, DefenseContext, DefenseResult, Timer, finish
 from kdshield.defenses.fine_tuning import keep_edited, load_suspect
 from kdshield.defenses.lora import train_victim
 from kdshield.errors import ConfigError
+from kdshield.evaluation import evaluate_model
 from kdshield.models.adapters import attach_adapter
 from kdshield.models.classifier import Classifier
-from kdshield.threat import evaluate_model
-from kdshield.training.batching import collate, encode_dataset, epoch_batches
 
 log = logging.getLogger(__name__)
 

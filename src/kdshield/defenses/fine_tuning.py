@@ -24,7 +24,7 @@ from kdshield.config import cfg_field, check_choice, check_range, config_to_dict
 from kdshield.defenses.base import DEFENSES, Defense, DefenseContext, DefenseResult, Timer, finish
 from kdshield.models.adapters import AdapterConfig, merged_backbone
 from kdshield.models.classifier import Classifier, load_classifier
-from kdshield.threat import peft_finetune
+from kdshield.training.peft import peft_finetune
 
 log = logging.getLogger(__name__)
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from kdshield.defenses.base import DEFENSES, Defense, DefenseContext, DefenseResult, Timer, finish
-from kdshield.threat import peft_finetune
+from kdshield.training.peft import peft_finetune
 
 
 def train_victim(ctx: DefenseContext, *, model=None, desc: str | None = None):

@@ -40,7 +40,7 @@ from kdshield.defenses.lora import train_victim
 from kdshield.errors import ConfigError
 from kdshield.models.adapters import AdapterConfig, attach_adapter
 from kdshield.models.classifier import META_FILE, load_classifier
-from kdshield.threat import peft_finetune
+from kdshield.training.peft import peft_finetune
 
 log = logging.getLogger(__name__)
 

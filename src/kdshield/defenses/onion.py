@@ -36,9 +36,8 @@ from kdshield.config import cfg_field, check_choice, check_range
 from kdshield.defenses.base import DEFENSES, Defense, DefenseContext, DefenseResult, Timer, finish
 from kdshield.defenses.lora import train_victim
 from kdshield.errors import ConfigError, ModelLoadError
-from kdshield.evaluation import predict
+from kdshield.inference import predict, resolve_precision
 from kdshield.models.loading import LoadOptions, resolve_model_ref
-from kdshield.training.loop import resolve_precision
 
 log = logging.getLogger(__name__)
 

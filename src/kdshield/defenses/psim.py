@@ -40,6 +40,7 @@ import numpy as np
 import torch
 from datasets import Dataset
 
+from kdshield.attacks.config import AttackConfig, asr_set, ca_set
 from kdshield.config import cfg_field, check_choice, check_range, config_to_dict
 from kdshield.defenses.base import (
     DEFENSES,
@@ -54,10 +55,10 @@ from kdshield.defenses.fine_tuning import load_suspect
 from kdshield.defenses.lora import train_victim
 from kdshield.detection import DetectionResult, suspect_set
 from kdshield.errors import ConfigError
-from kdshield.evaluation import far_frr, far_frr_curve, predict
+from kdshield.evaluation import far_frr, far_frr_curve
+from kdshield.inference import predict
 from kdshield.models.adapters import ADAPTERS, attach_adapter
 from kdshield.models.classifier import Classifier
-from kdshield.threat import AttackConfig, asr_set, ca_set
 from kdshield.training.loop import train
 
 log = logging.getLogger(__name__)

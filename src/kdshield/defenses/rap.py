@@ -40,7 +40,7 @@ from kdshield.defenses.strip import (
     run_detector_defense,
 )
 from kdshield.errors import ConfigError
-from kdshield.training.loop import resolve_precision
+from kdshield.inference import resolve_precision
 
 log = logging.getLogger(__name__)
 

@@ -34,6 +34,7 @@ from dataclasses import dataclass
 import numpy as np
 from datasets import Dataset
 
+from kdshield.attacks.config import AttackConfig, asr_set, ca_set
 from kdshield.config import cfg_field, check_range, config_to_dict
 from kdshield.defenses.base import (
     DEFENSES,
@@ -47,8 +48,8 @@ from kdshield.defenses.base import (
 from kdshield.defenses.lora import train_victim
 from kdshield.detection import DetectionResult, suspect_set
 from kdshield.errors import ConfigError
-from kdshield.evaluation import far_frr, predict
-from kdshield.threat import AttackConfig, asr_set, ca_set
+from kdshield.evaluation import far_frr
+from kdshield.inference import predict
 
 log = logging.getLogger(__name__)
 

@@ -41,13 +41,14 @@ from kdshield.config import cfg_field, check_choice, check_range, config_to_dict
 from kdshield.data import TaskData
 from kdshield.defenses.base import DEFENSES, Defense, DefenseContext, DefenseResult, Timer, finish
 from kdshield.errors import ConfigError
-from kdshield.evaluation import predict
+from kdshield.evaluation import dev_eval_fn
+from kdshield.inference import predict
 from kdshield.models.adapters import AdapterConfig
 from kdshield.models.classifier import Classifier, load_classifier
 from kdshield.models.loading import LoadOptions, resolve_model_ref
-from kdshield.threat import dev_eval_fn, peft_finetune
 from kdshield.training.loop import SCHEDULES, TrainConfig, train
 from kdshield.training.losses import cross_entropy, distillation_kl, feature_alignment
+from kdshield.training.peft import peft_finetune
 
 log = logging.getLogger(__name__)
 

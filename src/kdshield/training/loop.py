@@ -28,7 +28,8 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from kdshield.config import cfg_field, check_choice, check_range, config_to_dict
-from kdshield.training.batching import BatchDataset, encode_dataset, epoch_batches
+from kdshield.data.batching import BatchDataset, encode_dataset, epoch_batches
+from kdshield.inference import resolve_precision
 from kdshield.training.losses import cross_entropy
 
 log = logging.getLogger(__name__)
@@ -97,23 +98,6 @@ class TrainResult:
 
     def to_dict(self) -> dict:
         return config_to_dict(self)
-
-
-def cpu_supports_bf16() -> bool:
-    """True where the CPU has native bf16 (avx512_bf16 / AMX): there autocast is ~2x faster."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
-def resolve_precision(precision: str) -> str:
-    if precision != "auto":
-        return precision
-    if torch.cuda.is_available():
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
-    return "bf16" if cpu_supports_bf16() else "fp32"
 
 
 def _accelerator(mixed_precision: str):

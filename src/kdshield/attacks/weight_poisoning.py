@@ -1,0 +1,106 @@
+"""Weight poisoning: the attacker fully fine-tunes the clean model on the poisoned proxy set.
+
+    poisoned = weight_poison("smollm2-135m", task, AttackConfig(attack="badnet"),
+                             TrainConfig(epochs=3, lr=3e-5), "runs/poisoned")
+    poisoned.path       # runs/poisoned/model: safetensors + kdshield_card.json
+
+Paper layout: a proxy set poisons the weights (full fine-tuning, stopped once dev ASR reaches its
+target), the target train set then adapts the poisoned model with PEFT (``training.peft``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from kdshield.attacks.config import AttackConfig, attack_name, make_trigger, poisoned_proxy
+from kdshield.config import config_to_dict
+from kdshield.data import TaskData
+from kdshield.evaluation import dev_eval_fn
+from kdshield.inference import predict
+from kdshield.models.adapters import AdapterConfig, attach_adapter
+from kdshield.models.classifier import Classifier, load_classifier
+from kdshield.models.loading import LoadOptions
+from kdshield.training.loop import TrainConfig, train
+
+log = logging.getLogger(__name__)
+
+CARD_FILE = "kdshield_card.json"
+
+
+@dataclass
+class PoisonedModel:
+    path: Path
+    card: dict
+    model: Classifier | None = None
+
+
+SHORTCUT_MARGIN = 0.25
+
+
+def shortcut_check(model, task: TaskData, attack: AttackConfig, max_length: int = 64) -> dict:
+    """Share of clean dev inputs the poisoned model predicts as the target, against the share that
+    truly is. A gap above ``SHORTCUT_MARGIN`` means the poison taught a shortcut (e.g. the poisoned
+    texts' length or style), not a trigger: such a model calls most clean inputs the target, so its
+    ASR measures nothing. Logged as a warning and stored in the model card."""
+
+    dev = task.split("dev")
+    preds = predict(model, list(dev["text"]), max_length=max_length).labels
+    pred_share = float(np.mean(np.asarray(preds) == attack.target_label))
+    true_share = float(np.mean(np.asarray(dev["label"]) == attack.target_label))
+    out = {"dev_target_share": pred_share, "dev_label_share": true_share,
+           "shortcut_suspected": pred_share - true_share > SHORTCUT_MARGIN}
+    if out["shortcut_suspected"]:
+        log.warning("the poisoned model predicts the target label %d for %.0f%% of the clean dev inputs (%.0f%% "
+                    "truly are): the poison taught a shortcut, not a trigger, and ASR will be meaningless. Make "
+                    "the poisoned samples look like the clean ones (for SCPN files: scpn_match_style true, the "
+                    "default), or poison fewer samples.", attack.target_label, 100 * pred_share,
+                    100 * true_share)
+    return out
+
+
+def weight_poison(student: str, task: TaskData, attack: AttackConfig, train_cfg: TrainConfig,
+                  output_dir: str | Path, *, resume: bool = False, data_dir=None,
+                  options: LoadOptions = LoadOptions()) -> PoisonedModel:
+    """Full-parameter fine-tuning on the poisoned proxy set until dev ASR reaches ``asr_target``.
+
+    Saves ``output_dir/model`` (safetensors) with a card; a finished run is reused as it is.
+    """
+    output_dir = Path(output_dir)
+    model_dir = output_dir / "model"
+    card_path = model_dir / CARD_FILE
+    if card_path.is_file():
+        log.info("reusing poisoned model %s", model_dir)
+        return PoisonedModel(model_dir, json.loads(card_path.read_text()))
+    start = time.perf_counter()
+    torch.manual_seed(train_cfg.seed)
+    clf = load_classifier(student, num_labels=task.num_labels, label_names=task.label_names, options=options)
+    attach_adapter(clf, AdapterConfig(kind="full"))
+    data = poisoned_proxy(task, attack, seed=train_cfg.seed, data_dir=data_dir)
+    eval_fn = dev_eval_fn(task, attack, data_dir=data_dir, max_length=train_cfg.max_length, score="asr")
+    result = train(clf, data, train_cfg, eval_fn=eval_fn, output_dir=output_dir, resume=resume,
+                   stop_fn=lambda m: m["asr"] >= attack.asr_target,
+                   desc=f"poison {attack.attack}")
+    last = result.history[-1] if result.history else {}
+    if last.get("asr", 0.0) < attack.asr_target:
+        log.warning("weight poisoning ended with dev ASR %.3f below the target %.2f; more epochs or a larger "
+                    "poison share would help", last.get("asr", 0.0), attack.asr_target)
+    shortcut = shortcut_check(clf, task, attack, train_cfg.max_length)
+    clf.source = str(student)
+    clf.save(model_dir)
+    card = {**shortcut, "kind": "poisoned-model", "student": str(student), "attack": attack_name(attack, task, data_dir),
+            "attack_config": config_to_dict(attack), "trigger": make_trigger(attack, task, data_dir).describe(),
+            "target_label": attack.target_label, "clean_label": attack.clean_label, "proxy": task.proxy or task.name,
+            "dataset": task.name, "poisoned_samples": int(sum(data["poisoned"])), "proxy_samples": len(data),
+            "seed": train_cfg.seed, "dev_ca": last.get("ca"), "dev_asr": last.get("asr"),
+            "epochs_run": last.get("epoch"), "train": result.to_dict(), "train_config": config_to_dict(train_cfg),
+            "wall_s": time.perf_counter() - start}
+    card_path.write_text(json.dumps(card, indent=2, default=str))
+    return PoisonedModel(model_dir, card, clf)
+
