@@ -23,6 +23,7 @@ import torch
 from kdshield.attacks.config import AttackConfig, asr_set, ca_set
 from kdshield.data import TaskData
 from kdshield.inference import predict
+from kdshield.results import removal_ratio  # noqa: F401  (re-exported: the metric lives with the summary)
 
 log = logging.getLogger(__name__)
 
@@ -63,14 +64,6 @@ def far_frr_curve(scores: Sequence[float], truth: Sequence[bool], thresholds: Se
         far, frr = far_frr(flags, truth)
         rows.append({"threshold": float(t), "far": far, "frr": frr})
     return rows
-
-
-def removal_ratio(asr_poisoned: float, asr_defended: float, asr_floor: float) -> float | None:
-    """``(ASR_poisoned - ASR_defended) / (ASR_poisoned - ASR_floor)``: 1 = down to the floor."""
-    gap = asr_poisoned - asr_floor
-    if gap <= 1e-9:
-        return None
-    return (asr_poisoned - asr_defended) / gap
 
 
 def _vm_hwm_mb() -> float | None:

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from kdshield.config import cfg_field, check_choice
-from kdshield.evaluation import removal_ratio
+from kdshield.results import References, variant_hash
 
 log = logging.getLogger(__name__)
 
@@ -63,13 +63,14 @@ class ReportConfig:
 
 def select(records: Iterable[dict], cfg: ReportConfig,
            runs: Sequence[str] | None = None) -> list[dict]:
-    """Records of the wanted runs and tag; a rerun cell (same key) keeps its latest record."""
+    """Records of the wanted runs and tag; a cell rerun with the same settings keeps its latest
+    record (a rerun with other settings is another variant and keeps its own row)."""
     runs = cfg.runs if runs is None else runs
     latest: dict[tuple, dict] = {}
     for r in records:
         if r.get("run") not in runs or (cfg.tag != ALL_TAGS and (r.get("tag") or "") != cfg.tag):
             continue
-        latest[tuple(str(r.get(k) or "") for k in CELL_KEYS)] = r
+        latest[(*(str(r.get(k) or "") for k in CELL_KEYS), variant_hash(r))] = r
     return list(latest.values())
 
 
@@ -140,31 +141,26 @@ def summarise(records: Iterable[dict], cfg: ReportConfig | None = None) -> list[
     """Tidy rows (dataset, attack, defense, student) with CA/ASR/removal mean and std over seeds."""
     cfg = cfg or ReportConfig()
     recs = [r for r in select(records, cfg) if r.get("attack")]
-    refs: dict[str, dict] = {"none": {}, FLOOR: {}}
+    refs = References(recs)
+    variants: dict[tuple, set] = defaultdict(set)
     for r in recs:
-        name = _kind(defense_label(r))
-        if name in refs and r.get("asr") is not None:
-            refs[name][(_ref_key(r), r.get("tag") or "")] = r["asr"]
+        variants[(dataset_label(r), attack_label(r), defense_label(r), student_label(r))].add(variant_hash(r))
     groups: dict[tuple, list[dict]] = defaultdict(list)
     for r in recs:
-        groups[(dataset_label(r), attack_label(r), defense_label(r), student_label(r))].append(r)
+        key = (dataset_label(r), attack_label(r), defense_label(r), student_label(r))
+        name = key[2]
+        if len(variants[key]) > 1:  # one cell under several settings: a row each, named by its settings
+            name += f" {{{(variant_hash(r) or 'no-config')[:6]}}}"
+        groups[(key[0], key[1], name, key[3])].append(r)
     rows = []
     for (ds, att, name, student), group in groups.items():
         ok = [r for r in group if not r.get("unavailable")]
         removal, notes = [], set()
         if not _is_reference(name):
             for r in ok:
-                pois, floor = _ref(refs["none"], r), _ref(refs[FLOOR], r)
-                if pois is None:
-                    notes.add("no poisoned-model (method none) record")
-                if floor is None:
-                    notes.add("no floor (never-poisoned) record")
-                if None in (pois, floor, r.get("asr")):
-                    continue
-                ratio = removal_ratio(pois, r["asr"], floor)
-                if ratio is None:
-                    notes.add("poisoned ASR is not above the floor: no removal ratio")
-                else:
+                ratio, why = refs.removal(r)
+                notes.update(why)
+                if ratio is not None:
                     removal.append(ratio)
         ca, ca_std = _stats([r["ca"] for r in ok if r.get("ca") is not None])
         asr, asr_std = _stats([r["asr"] for r in ok if r.get("asr") is not None])
@@ -179,20 +175,6 @@ def summarise(records: Iterable[dict], cfg: ReportConfig | None = None) -> list[
                lambda row: not _is_reference(row["defense"]) and not row.get("collapsed"))
     return sorted(rows, key=lambda r: (r["dataset"], _attack_rank(r["attack"]), _rank(r["defense"]),
                                        str(r["student"])))
-
-
-def _ref_key(r: dict) -> tuple:
-    return tuple(str(r.get(k)) for k in ("dataset", "proxy", "student", "attack", "clean_label",
-                                         "seed"))
-
-
-def _ref(table: dict, r: dict) -> float | None:
-    """The reference of the same tag, else of the untagged grid, else of any tag."""
-    key, tag = _ref_key(r), r.get("tag") or ""
-    for t in (tag, ""):
-        if (key, t) in table:
-            return table[(key, t)]
-    return next((v for (k, _), v in table.items() if k == key), None)
 
 
 def _rank(name: str) -> tuple:
