@@ -23,3 +23,8 @@ class UnsafeModelError(KDShieldError):
 
 class ModelLoadError(KDShieldError):
     """A model reference cannot be resolved or loaded."""
+
+
+class RunStateError(ConfigError):
+    """Saved work (a checkpoint, a run folder, a cached model) is damaged or was made under other
+    settings than the ones asked for now (names what differs and the way out)."""

@@ -37,6 +37,12 @@ def resolve_precision(precision: str) -> str:
 
 
 
+def autocast_for(precision: str, device: torch.device):
+    """bf16 autocast on ``device`` when ``precision`` resolves to bf16, else a no-op context."""
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16,
+                          enabled=resolve_precision(precision) == "bf16")
+
+
 @dataclass
 class Predictions:
     probs: np.ndarray  # [N, k]
@@ -67,7 +73,7 @@ def predict(model, texts: Sequence[str], *, batch_size: int = 64, max_length: in
     feats = proj = None
     was_training = model.training
     model.eval()
-    autocast = torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+    autocast = autocast_for(precision, device)
     for idx in tqdm(batches, desc=desc or "predict", disable=desc is None, mininterval=5):
         batch = collate(enc, idx)
         with autocast:

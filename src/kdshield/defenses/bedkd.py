@@ -53,10 +53,10 @@ from pathlib import Path
 import numpy as np
 import torch
 from datasets import Dataset
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from kdshield.config import cfg_field, check_choice, check_range
+from kdshield.config import cfg_field, check_choice, check_range, config_to_dict
 from kdshield.data.batching import collate, encode_dataset, epoch_batches
 from kdshield.defenses.base import (
     DEFENSES,
@@ -82,10 +82,18 @@ from kdshield.detection import (
     with_teacher_outputs,
     write_detection,
 )
-from kdshield.errors import ConfigError
+from kdshield.errors import ConfigError, RunStateError
 from kdshield.evaluation import accuracy
-from kdshield.inference import predict, resolve_precision
+from kdshield.inference import autocast_for, predict, resolve_precision
 from kdshield.models.classifier import Classifier, load_classifier
+from kdshield.results import settings_hash
+from kdshield.training.loop import (
+    load_trainable,
+    read_json_state,
+    read_weights,
+    trainable_state,
+    write_dir_atomically,
+)
 
 log = logging.getLogger(__name__)
 
@@ -164,17 +172,6 @@ def select_punish_set(suspect: Dataset, detection: DetectionResult, max_poisoned
     return suspect.select([int(i) for i in idx]).select_columns(["text", "label"])
 
 
-def _trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {n: p.detach().cpu().clone().contiguous() for n, p in model.named_parameters() if p.requires_grad}
-
-
-def _load_state(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
-    params = dict(model.named_parameters())
-    with torch.no_grad():
-        for n, v in state.items():
-            params[n].copy_(v.to(params[n].device, params[n].dtype))
-
-
 class AdversarialKD:
     """The cycle loop: trust phase, punish phase, dev check, rollback, selection."""
 
@@ -205,10 +202,6 @@ class AdversarialKD:
         self.opt_trust = torch.optim.AdamW(self.params, lr=self.lr, weight_decay=0.0)
         self.opt_punish = torch.optim.AdamW(self.params, lr=self.punish_lr, weight_decay=0.0)
 
-    def _autocast(self):
-        return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16,
-                              enabled=self.precision == "bf16")
-
     def _phase(self, enc, optimizer, cycle: int, punish: bool) -> dict:
         cfg = self.config
         # seeded by (seed, cycle): a resumed run sees the batches an uninterrupted one would
@@ -218,7 +211,7 @@ class AdversarialKD:
         self.student.train()
         for idx in batches:
             batch = {k: v.to(self.device) for k, v in collate(enc, idx).items()}
-            with self._autocast():
+            with autocast_for(self.precision, self.device):
                 obj, ce, kd = distill_objective(self.student, batch, cfg.alpha, cfg.temperature,
                                                 per_sample=punish)
                 loss = punish_loss(obj, cfg.punish_bound) if punish else obj
@@ -279,7 +272,7 @@ class AdversarialKD:
         if not (resume and self._load_checkpoint()):
             self.kept = dict(self.evaluate(), cycle=0)
             self.start = dict(self.kept)
-            self.kept_state = _trainable_state(self.student)
+            self.kept_state = trainable_state(self.student)
             self.history = [dict(self.kept, kept=True)]
             log.info("AKD start: dev acc %.4f, punish samples on their label %s", self.kept["dev_acc"],
                      self.kept["residual"])
@@ -287,7 +280,7 @@ class AdversarialKD:
             log.info("AKD: the kept cycle %d already leaves %s of the punish samples on their label "
                      "(stop_residual %g): no more cycles", self.kept["cycle"], self.kept["residual"],
                      cfg.stop_residual)
-            _load_state(self.student, self.kept_state)
+            load_trainable(self.student, self.kept_state)
             return self.history
         bar = tqdm(range(self.start_cycle, cfg.cycles + 1), desc="BeDKD cycles", initial=self.start_cycle - 1,
                    total=cfg.cycles, mininterval=5)
@@ -300,7 +293,7 @@ class AdversarialKD:
             row["rolled_back"] = row["dev_acc"] < self.kept["dev_acc"] - cfg.rollback_tolerance
             row["kept"] = False
             if row["rolled_back"]:
-                _load_state(self.student, self.kept_state)
+                load_trainable(self.student, self.kept_state)
                 self.punish_lr *= cfg.punish_backoff
                 self._reset_optimizers()
                 log.warning("cycle %d: dev acc %.4f fell below the kept %.4f (cycle %d) by more than %.3g: "
@@ -308,7 +301,7 @@ class AdversarialKD:
                             self.kept["cycle"], cfg.rollback_tolerance, self.punish_lr)
             elif self._better(row):
                 self.kept = {"dev_acc": row["dev_acc"], "residual": row["residual"], "cycle": cycle}
-                self.kept_state = _trainable_state(self.student)
+                self.kept_state = trainable_state(self.student)
                 row["kept"] = True
             self.history.append(row)
             bar.set_postfix(dev=f"{row['dev_acc']:.3f}", res=row["residual"], refresh=False)
@@ -319,29 +312,42 @@ class AdversarialKD:
                          "with dev accuracy kept: stopping early", cycle, row["residual"], cfg.stop_residual)
                 break
         bar.close()
-        _load_state(self.student, self.kept_state)
+        load_trainable(self.student, self.kept_state)
         log.info("AKD done: kept cycle %d (dev acc %.4f, punish samples on their label %s)", self.kept["cycle"],
                  self.kept["dev_acc"], self.kept["residual"])
         return self.history
 
+    def settings(self) -> dict:
+        """What this cycle loop is (a checkpoint resumes only under the same). ``cycles`` is left out:
+        cycle k does not depend on how many follow, so a finished run may be extended."""
+        config = {k: v for k, v in config_to_dict(self.config).items() if k != "cycles"}
+        return {"config": config, "lr": self.lr, "max_length": self.max_length,
+                "seed": self.seed, "precision": self.precision, "max_grad_norm": self.max_grad_norm,
+                "trust": self.trust.input_ids, "punish": self.punish.input_ids if self.punish else None,
+                "dev": list(self.dev["text"])}
+
     def _save_checkpoint(self, cycle: int) -> None:
         if self.ckpt_dir is None:
             return
-        self.ckpt_dir.mkdir(parents=True, exist_ok=True)
-        save_file(_trainable_state(self.student), str(self.ckpt_dir / "current.safetensors"))
-        save_file(self.kept_state, str(self.ckpt_dir / "kept.safetensors"))
         state = {"cycle": cycle, "punish_lr": self.punish_lr, "kept": self.kept, "start": self.start,
-                 "history": self.history}
-        tmp = self.ckpt_dir / "state.json.tmp"
-        tmp.write_text(json.dumps(state, indent=1))
-        tmp.replace(self.ckpt_dir / "state.json")  # written last: a state.json means a whole checkpoint
+                 "history": self.history, "settings": settings_hash(self.settings())}
+
+        def write(tmp: Path) -> None:
+            save_file(trainable_state(self.student), str(tmp / "current.safetensors"))
+            save_file(self.kept_state, str(tmp / "kept.safetensors"))
+            (tmp / "state.json").write_text(json.dumps(state, indent=1))
+
+        write_dir_atomically(self.ckpt_dir, write)
 
     def _load_checkpoint(self) -> bool:
         if self.ckpt_dir is None or not (self.ckpt_dir / "state.json").is_file():
             return False
-        state = json.loads((self.ckpt_dir / "state.json").read_text())
-        _load_state(self.student, load_file(str(self.ckpt_dir / "current.safetensors")))
-        self.kept_state = load_file(str(self.ckpt_dir / "kept.safetensors"))
+        state = read_json_state(self.ckpt_dir / "state.json")
+        if state.get("settings") != settings_hash(self.settings()):
+            raise RunStateError(f"{self.ckpt_dir} holds BeDKD cycles run under other settings (data, options or "
+                                "learning rate); use another output directory, or rerun with --fresh")
+        load_trainable(self.student, read_weights(self.ckpt_dir / "current.safetensors"))
+        self.kept_state = read_weights(self.ckpt_dir / "kept.safetensors")
         self.kept, self.history, self.punish_lr = state["kept"], state["history"], state["punish_lr"]
         self.start = state["start"]
         self.start_cycle = state["cycle"] + 1

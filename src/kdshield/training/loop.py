@@ -12,6 +12,7 @@ one. Dev-set model selection keeps the trainable weights of the best evaluation.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -28,8 +29,10 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from kdshield.config import cfg_field, check_choice, check_range, config_to_dict
-from kdshield.data.batching import BatchDataset, encode_dataset, epoch_batches
+from kdshield.data.batching import BatchDataset, Encoded, encode_dataset, epoch_batches
+from kdshield.errors import RunStateError
 from kdshield.inference import resolve_precision
+from kdshield.results import settings_diff, settings_hash
 from kdshield.training.losses import cross_entropy
 
 log = logging.getLogger(__name__)
@@ -95,6 +98,8 @@ class TrainResult:
     precision: str = "fp32"
     stopped_early: bool = False
     resumed_from_step: int | None = None
+    prior_wall_s: float = 0.0  # wall time of earlier processes of this run (kept in its checkpoint)
+    settings_hash: str | None = None
 
     def to_dict(self) -> dict:
         return config_to_dict(self)
@@ -137,15 +142,15 @@ def _lr_lambda(schedule: str, warmup: int, total: int):
     return fn
 
 
-def _trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.detach().cpu().clone().contiguous() for n, p in model.named_parameters() if p.requires_grad}
 
 
-def _load_trainable(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+def load_trainable(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
     params = dict(model.named_parameters())
     missing = [n for n in state if n not in params]
     if missing:
-        raise RuntimeError(f"checkpoint does not match the model: unknown parameters {missing[:3]}")
+        raise RunStateError(f"checkpoint does not match the model: unknown parameters {missing[:3]}")
     with torch.no_grad():
         for n, v in state.items():
             params[n].copy_(v.to(params[n].device, params[n].dtype))
@@ -163,7 +168,7 @@ def load_trained_weights(model: torch.nn.Module, train_dir: str | Path, which: s
         raise ValueError(f"which={which!r}: use best or last")
     for name in names[which]:
         if (ckpt / name).is_file():
-            _load_trainable(model, load_file(str(ckpt / name)))
+            load_trainable(model, load_file(str(ckpt / name)))
             return str(ckpt / name)
     raise FileNotFoundError(f"{ckpt} holds no trained weights (expected {names[which][0]}); "
                             "is train_dir the 'train' folder of a finished run?")
@@ -179,8 +184,57 @@ def _ema_update(ema: dict[str, torch.Tensor], model: torch.nn.Module, decay: flo
             ema[n].mul_(d).add_(p.detach().float(), alpha=1 - d)
 
 
+def write_dir_atomically(target: Path, write: Callable[[Path], None]) -> None:
+    """``write(tmp)`` fills a fresh temporary folder that then replaces ``target`` whole: a crash
+    leaves either the old folder or the new one, never a mix."""
+    tmp = target.with_name(target.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    write(tmp)
+    old = target.with_name(target.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    if target.exists():
+        target.rename(old)
+    tmp.rename(target)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def read_json_state(path: Path) -> dict:
+    """A checkpoint's ``state.json``; a damaged one is a clear error, not a traceback."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise RunStateError(f"the checkpoint {path.parent} is damaged ({path.name}: {err}); delete that "
+                            "folder to start this run afresh (or rerun with --fresh)") from err
+
+
+def read_weights(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(str(path))
+    except Exception as err:  # safetensors raises its own error types for cut or garbled files
+        raise RunStateError(f"the checkpoint file {path} is damaged ({err}); delete {path.parent} to start "
+                            "this run afresh (or rerun with --fresh)") from err
+
+
+def check_saved_settings(where: Path, saved: dict | None, settings: dict) -> None:
+    """Saved work in ``where`` continues only under the settings it was made with."""
+    if saved is None:
+        raise RunStateError(f"{where} was written by an older kdshield that did not record its settings, "
+                            "so it cannot be resumed safely; delete it (or rerun with --fresh)")
+    if settings_hash(saved) != settings_hash(settings):
+        raise RunStateError(f"{where} belongs to a run with other settings ({settings_diff(saved, settings)}); "
+                            "resume with the settings it was made with, use another output directory, or "
+                            "rerun with --fresh to replace it")
+
+
+OPTIMIZER_FILES = ("optimizer.pt", "rng.safetensors")
+
+
 class Checkpointer:
-    """Atomic checkpoints in ``dir/checkpoint``: a new one is complete before the old one goes."""
+    """Atomic checkpoints in ``dir/checkpoint``: a new one is complete before the old one goes.
+
+    ``state.json`` holds the run's resolved settings; a resume under other settings stops with the
+    settings that differ instead of continuing someone else's run."""
 
     def __init__(self, output_dir: Path | None):
         self.dir = Path(output_dir) / "checkpoint" if output_dir else None
@@ -192,48 +246,95 @@ class Checkpointer:
              ema: dict | None = None) -> None:
         if self.dir is None:
             return
-        tmp = self.dir.with_name("checkpoint.tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        save_file(_trainable_state(model), str(tmp / "trainable.safetensors"))
-        if best is not None:
-            save_file(best, str(tmp / "best.safetensors"))
-        if ema is not None:
-            save_file({n: v.detach().cpu().contiguous() for n, v in ema.items()}, str(tmp / "ema.safetensors"))
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-        save_file({"cpu_rng": torch.get_rng_state()}, str(tmp / "rng.safetensors"))
-        state = dict(state, scheduler=scheduler.state_dict())
-        (tmp / "state.json").write_text(json.dumps(state, indent=1, default=float))
-        old = self.dir.with_name("checkpoint.old")
-        shutil.rmtree(old, ignore_errors=True)
-        if self.dir.exists():
-            self.dir.rename(old)
-        tmp.rename(self.dir)
-        shutil.rmtree(old, ignore_errors=True)
 
-    def load(self, model, optimizer, scheduler) -> tuple[dict, dict | None, dict | None]:
-        state = json.loads((self.dir / "state.json").read_text())
-        _load_trainable(model, load_file(str(self.dir / "trainable.safetensors")))
-        optimizer.load_state_dict(torch.load(self.dir / "optimizer.pt", weights_only=True))
+        def write(tmp: Path) -> None:
+            save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
+            if best is not None:
+                save_file(best, str(tmp / "best.safetensors"))
+            if ema is not None:
+                save_file({n: v.detach().cpu().contiguous() for n, v in ema.items()}, str(tmp / "ema.safetensors"))
+            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+            save_file({"cpu_rng": torch.get_rng_state()}, str(tmp / "rng.safetensors"))
+            (tmp / "state.json").write_text(json.dumps(dict(state, scheduler=scheduler.state_dict()), indent=1,
+                                                       default=float))
+
+        write_dir_atomically(self.dir, write)
+
+    def check_settings(self, settings: dict) -> dict:
+        """The saved state, after checking it was made under ``settings``."""
+        state = read_json_state(self.dir / "state.json")
+        check_saved_settings(self.dir, state.get("settings"), settings)
+        return state
+
+    def load(self, model, optimizer, scheduler, state: dict) -> tuple[dict | None, dict | None]:
+        load_trainable(model, read_weights(self.dir / "trainable.safetensors"))
+        if (self.dir / "optimizer.pt").is_file():
+            try:
+                optimizer.load_state_dict(torch.load(self.dir / "optimizer.pt", weights_only=True))
+            except Exception as err:
+                raise RunStateError(f"the checkpoint file {self.dir / 'optimizer.pt'} is damaged ({err}); delete "
+                                    f"{self.dir} to start afresh (or rerun with --fresh)") from err
+            torch.set_rng_state(read_weights(self.dir / "rng.safetensors")["cpu_rng"])
+        elif not state.get("finished"):
+            raise RunStateError(f"{self.dir} has no optimizer state but its run did not finish; delete it to "
+                                "start afresh (or rerun with --fresh)")
         scheduler.load_state_dict(state.pop("scheduler"))
-        torch.set_rng_state(load_file(str(self.dir / "rng.safetensors"))["cpu_rng"])
-        best_path = self.dir / "best.safetensors"
-        best = load_file(str(best_path)) if best_path.is_file() else None
-        ema_path = self.dir / "ema.safetensors"
-        ema = load_file(str(ema_path)) if ema_path.is_file() else None
-        return state, best, ema
+        best_path, ema_path = self.dir / "best.safetensors", self.dir / "ema.safetensors"
+        best = read_weights(best_path) if best_path.is_file() else None
+        ema = read_weights(ema_path) if ema_path.is_file() else None
+        return best, ema
+
+    def finalize(self, state: dict, *, keep_optimizer: bool, keep_weights: bool = True) -> None:
+        """A finished run keeps what resuming and reloading it need (its settings, history and
+        trained weights); the optimizer moments (2x the trainable weights) go unless asked for.
+        ``keep_weights=False`` drops the weights too, for callers that saved the model elsewhere."""
+        if self.dir is None or not self.dir.is_dir():
+            return
+        (self.dir / "state.json").write_text(json.dumps(dict(state, finished=True), indent=1, default=float))
+        drop = [] if keep_optimizer else list(OPTIMIZER_FILES)
+        if not keep_weights:
+            drop += ["trainable.safetensors", "best.safetensors", "ema.safetensors"]
+        for name in drop:
+            (self.dir / name).unlink(missing_ok=True)
+
+
+def _data_digest(encoded: Encoded) -> str:
+    h = hashlib.sha256()
+    for ids, y in zip(encoded.input_ids, encoded.labels):
+        h.update(json.dumps([y, ids]).encode())
+    for name, values in sorted((encoded.extras or {}).items()):
+        h.update(name.encode())
+        h.update(values.float().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def run_settings_of(config: TrainConfig, encoded: Encoded, model: torch.nn.Module, extra: dict | None) -> dict:
+    """What a training run is: its optimisation settings (checkpoint spacing left out: it does not
+    change the result), the exact tokenised data, the trainable parameters' names and shapes (so an
+    adapter of another rank never loads into this run), and the caller's own settings."""
+    train = {k: v for k, v in config_to_dict(config).items() if k != "checkpoint_every"}
+    params = [[n, list(p.shape)] for n, p in model.named_parameters() if p.requires_grad]
+    return {"train": train, "data": _data_digest(encoded), "trainable": settings_hash(params), **(extra or {})}
 
 
 def train(model: torch.nn.Module, train_data: Dataset, config: TrainConfig, *, tokenizer=None,
           loss_fn: LossFn = ce_loss, eval_fn: EvalFn | None = None,
           stop_fn: Callable[[dict], bool] | None = None, output_dir: str | Path | None = None,
           resume: bool = False, extra_columns: Sequence[str] = (), desc: str = "train",
-          parameters: Sequence[torch.nn.Parameter] | None = None) -> TrainResult:
+          parameters: Sequence[torch.nn.Parameter] | None = None, run_settings: dict | None = None,
+          keep_optimizer: bool = False, keep_weights: bool = True) -> TrainResult:
     """Train the parameters of ``model`` that require grad; return history and cost.
 
     ``eval_fn(model) -> {"score": float, ...}`` runs at epoch ends (and every ``eval_every`` steps);
     with ``select_best`` the best-scoring trainable weights are restored at the end. ``stop_fn``
     sees each evaluation and may end training early (e.g. the attack once ASR reaches its target).
+
+    With ``output_dir`` the run checkpoints there and ``resume`` continues it, but only when it was
+    made under the same settings (``run_settings_of``: these options, the data, the trainable
+    parameters, plus the caller's ``run_settings`` such as the model it started from); otherwise a
+    ``RunStateError`` names what differs. A finished run drops its optimizer state unless
+    ``keep_optimizer``, and its weights too with ``keep_weights=False`` (the caller saved them).
+    ``wall_s`` counts the earlier processes of a resumed run too (``prior_wall_s``).
     """
     from accelerate.utils import set_seed
 
@@ -260,42 +361,47 @@ def train(model: torch.nn.Module, train_data: Dataset, config: TrainConfig, *, t
     model, optimizer = accelerator.prepare(model, optimizer)
     unwrapped = accelerator.unwrap_model(model)
 
+    settings = run_settings_of(config, encoded, unwrapped, run_settings)
     ckpt = Checkpointer(output_dir if accelerator.is_main_process else None)
     # the moving average lives beside the weights, in fp32 (names of the unwrapped model)
     ema = ({n: p.detach().float().clone() for n, p in unwrapped.named_parameters() if p.requires_grad}
            if config.ema else None)
-    result = TrainResult(trainable_params=sum(p.numel() for p in params), precision=precision)
+    result = TrainResult(trainable_params=sum(p.numel() for p in params), precision=precision,
+                         settings_hash=settings_hash(settings))
     best: dict | None = None
     epoch, batches_done, step = 0, 0, 0
+    stop = False
     resume_dir = Checkpointer(output_dir)
     if resume and resume_dir.exists():
-        state, best, saved_ema = resume_dir.load(unwrapped, optimizer, scheduler)
+        state = resume_dir.check_settings(settings)
+        best, saved_ema = resume_dir.load(unwrapped, optimizer, scheduler, state)
         if ema is not None:
-            if saved_ema is None:
-                raise RuntimeError(f"{output_dir}: the checkpoint has no weight average but train.ema is "
-                                   f"{config.ema}; resume with the settings it was made with or start afresh")
-            ema = {n: v.to(ema[n].device) for n, v in saved_ema.items()}
+            ema = {n: v.to(ema[n].device) for n, v in saved_ema.items()} if saved_ema is not None else ema
         epoch, batches_done, step = state["epoch"], state["batches_done"], state["step"]
         result.history, result.best_score, result.best_step = state["history"], state["best_score"], state["best_step"]
         result.examples_seen, result.train_s = state["examples_seen"], state.get("train_s", 0.0)
+        result.prior_wall_s = state.get("wall_s", 0.0)
         result.resumed_from_step = step
-        log.info("%s: resumed at epoch %d, step %d", desc, epoch, step)
+        stop = bool(state.get("stopped"))  # a run that stopped early is finished, not unfinished
+        log.info("%s: %s at epoch %d, step %d", desc, "finished run reused" if state.get("finished") else "resumed",
+                 epoch, step)
     elif resume:
         log.info("%s: no checkpoint in %s, starting fresh", desc, output_dir)
 
     def snapshot_state() -> dict:
         return {"epoch": epoch, "batches_done": batches_done, "step": step, "history": result.history,
                 "best_score": result.best_score, "best_step": result.best_step,
-                "examples_seen": result.examples_seen, "train_s": result.train_s,
+                "examples_seen": result.examples_seen, "train_s": result.train_s, "stopped": stop,
+                "wall_s": result.prior_wall_s + time.perf_counter() - start, "settings": settings,
                 "config": config_to_dict(config)}
 
     def evaluate(tag: str) -> bool:
         nonlocal best
         if eval_fn is None:
             return False
-        current = _trainable_state(unwrapped) if ema is not None else None
+        current = trainable_state(unwrapped) if ema is not None else None
         if ema is not None:
-            _load_trainable(unwrapped, ema)  # evaluate what training would return
+            load_trainable(unwrapped, ema)  # evaluate what training would return
         model.eval()
         with torch.no_grad(), accelerator.autocast():
             metrics = dict(eval_fn(unwrapped))
@@ -306,14 +412,14 @@ def train(model: torch.nn.Module, train_data: Dataset, config: TrainConfig, *, t
         if score is not None and (result.best_score is None or score > result.best_score):
             result.best_score, result.best_step = float(score), step
             if config.select_best:
-                best = _trainable_state(unwrapped)
+                best = trainable_state(unwrapped)
         if current is not None:
-            _load_trainable(unwrapped, current)
+            load_trainable(unwrapped, current)
         log.info("%s eval %s: %s", desc, tag, {k: round(v, 4) if isinstance(v, float) else v
                                                for k, v in metrics.items()})
         return bool(stop_fn and stop_fn(metrics))
 
-    stop = False
+    saved_step = step if resume_dir.exists() and resume else None
     model.train()
     bar = tqdm(total=total_steps, initial=step, desc=desc, disable=not accelerator.is_main_process,
                mininterval=2 if os.environ.get("CI") is None else 30, dynamic_ncols=True)
@@ -355,6 +461,7 @@ def train(model: torch.nn.Module, train_data: Dataset, config: TrainConfig, *, t
                 result.train_s += time.perf_counter() - t0
                 t0 = time.perf_counter()
                 ckpt.save(unwrapped, optimizer, scheduler, snapshot_state(), best, ema)
+                saved_step = step
             if stop:
                 break
         result.train_s += time.perf_counter() - t0
@@ -362,13 +469,17 @@ def train(model: torch.nn.Module, train_data: Dataset, config: TrainConfig, *, t
             epoch, batches_done = epoch + 1, 0
             stop = evaluate(f"epoch {epoch}")
             ckpt.save(unwrapped, optimizer, scheduler, snapshot_state(), best, ema)
+            saved_step = step
     bar.close()
+    if saved_step != step:  # stopped inside an epoch: the last checkpoint is older than the weights
+        ckpt.save(unwrapped, optimizer, scheduler, snapshot_state(), best, ema)
     result.stopped_early = stop and epoch < config.epochs
     if config.select_best and best is not None:
-        _load_trainable(unwrapped, best)
+        load_trainable(unwrapped, best)
     elif ema is not None:
-        _load_trainable(unwrapped, ema)
+        load_trainable(unwrapped, ema)
     result.steps = step
-    result.wall_s = time.perf_counter() - start
+    result.wall_s = result.prior_wall_s + time.perf_counter() - start
+    ckpt.finalize(snapshot_state(), keep_optimizer=keep_optimizer, keep_weights=keep_weights)
     accelerator.wait_for_everyone()
     return result
