@@ -34,18 +34,20 @@ from kdshield.training.loop import load_trained_weights
 
 
 def references(results: Path, dataset: str, attack: str) -> tuple[float, float]:
-    """The poisoned model's ASR (latest ``none`` record) and the floor (latest never-poisoned lora)."""
+    """The clean-label poisoned model's ASR (latest ``none`` record) and the floor (latest untagged never-poisoned
+    lora). A ``none`` record counts whatever its tag: the poisoned model's folder does not depend on the tag (the
+    ``rebuild`` records re-measure the models now in the work dir)."""
     poisoned = floor = None
     for line in results.read_text().splitlines():
         r = json.loads(line)
-        if r.get("dataset") != dataset or not str(r.get("attack", "")).startswith(attack) or r.get("tag"):
+        if r.get("dataset") != dataset or r.get("attack") != attack:
             continue
-        if r["method"] == "none" and r.get("poisoned_model", True):
+        if r["method"] == "none" and r.get("poisoned_model", True) and r.get("clean_label", True):
             poisoned = r["asr"]
-        if r["method"] == "lora" and r.get("poisoned_model") is False:
+        if r["method"] == "lora" and r.get("poisoned_model") is False and not r.get("tag"):
             floor = r["asr"]
     if poisoned is None or floor is None:
-        raise SystemExit(f"{results}: no untagged none / floor records for {dataset} {attack}")
+        raise SystemExit(f"{results}: no clean-label none / untagged floor records for {dataset} {attack}")
     return poisoned, floor
 
 

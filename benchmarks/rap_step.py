@@ -3,7 +3,8 @@
     python benchmarks/rap_step.py 0.05 0.2      # normalized steps with these lr values; prints FAR / FRR
 
 Reuses the plain-LoRA victim that ``bench_embedded.py --attacks badnet --methods lora`` trained (run that
-first); the plain-step row (lr 0.01) is the ``rap`` record in results/embedded.jsonl.
+first); the plain-step row (lr 0.01) is the ``rap`` record in benchmarks/tuning/embedded.jsonl (the plain
+step is no longer the default).
 """
 import logging
 import sys
