@@ -243,7 +243,7 @@ def test_back_translation_unavailable_without_model_or_files(tiny_bert_dir, tmp_
         "needs a translation model (or the precomputed test_back/test_char_back files "
         "for sst2/cr in --data-dir)"
     )
-    assert res.input_transform is None and "eval_sets" not in res.logs and res.trainable_params == 0
+    assert res.input_transform is None and res.eval_sets is None and res.trainable_params == 0
     res = DEFENSES.get("scpd")().run(ctx, SCPDConfig())
     assert res.unavailable.startswith(
         "needs a paraphrase model (or the precomputed test_spcn/test_char_spcn"
@@ -264,7 +264,7 @@ def test_precomputed_files_give_aligned_eval_sets(method, stem, paper_dir, tiny_
     defense = DEFENSES.get(method)
     res = defense().run(ctx, defense.config_class())
     assert res.unavailable is None and res.logs["source"] == "files"
-    sets = res.logs["eval_sets"]
+    sets = res.eval_sets
     assert sets["ca"]["idx"] == list(range(8, 16))  # restricted to the task's test rows
     assert all(t.endswith(f"was {stem}") for t in sets["ca"]["text"])
     # positives 9, 11, 13, 15 of the task's test split, triggered and rewritten
@@ -474,7 +474,7 @@ def test_live_seq2seq_rewriter_on_a_tiny_random_model(tiny_bert_dir, tmp_path):
         forward_model=str(tmp_path / "mt"), num_beams=1, max_new_tokens=6
     )
     res = DEFENSES.get("back-translation")().run(ctx, config)
-    assert res.unavailable is None and res.logs["source"] == "model" and "eval_sets" not in res.logs
+    assert res.unavailable is None and res.logs["source"] == "model" and res.eval_sets is None
     rewrite = res.input_transform
     out = rewrite(["the film was good", "bad", "the film was good"])
     assert len(out) == 3 and out[0] == out[2] and all(isinstance(t, str) for t in out)

@@ -22,12 +22,15 @@ import torch
 from kdshield.attacks.config import AttackConfig, attack_name, make_trigger, poisoned_proxy
 from kdshield.config import config_to_dict
 from kdshield.data import TaskData
+from kdshield.data.core import rows_digest
+from kdshield.errors import RunStateError
 from kdshield.evaluation import dev_eval_fn
 from kdshield.inference import predict
 from kdshield.models.adapters import AdapterConfig, attach_adapter
 from kdshield.models.classifier import Classifier, load_classifier
 from kdshield.models.loading import LoadOptions
-from kdshield.training.loop import TrainConfig, train
+from kdshield.results import settings_diff, settings_hash
+from kdshield.training.loop import TrainConfig, drop_checkpoint_weights, train
 
 log = logging.getLogger(__name__)
 
@@ -65,27 +68,62 @@ def shortcut_check(model, task: TaskData, attack: AttackConfig, max_length: int 
     return out
 
 
+def poison_settings(student: str, task: TaskData, attack: AttackConfig, train_cfg: TrainConfig, *,
+                    data_dir=None, data=None) -> dict:
+    """What a poisoned model is made of: the clean model, the attack, the exact poisoned proxy rows,
+    the dev rows its stop rule reads, and the optimisation settings (checkpoint spacing left out).
+    A poisoned model is reused only when these are equal."""
+    data = data if data is not None else poisoned_proxy(task, attack, seed=train_cfg.seed, data_dir=data_dir)
+    train = {k: v for k, v in config_to_dict(train_cfg).items() if k != "checkpoint_every"}
+    return {"student": str(student), "attack": attack_name(attack, task, data_dir),
+            "attack_config": config_to_dict(attack), "proxy": rows_digest(data, ("text", "label", "poisoned")),
+            "dev": rows_digest(task.split("dev")), "labels": list(task.label_names), "train": train}
+
+
+def read_card(model_dir: Path) -> dict | None:
+    path = Path(model_dir) / CARD_FILE
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise RunStateError(f"the poisoned model's card {path} is damaged ({err}); delete {model_dir} to poison "
+                            "again (or rerun with --fresh)") from err
+
+
 def weight_poison(student: str, task: TaskData, attack: AttackConfig, train_cfg: TrainConfig,
                   output_dir: str | Path, *, resume: bool = False, data_dir=None,
                   options: LoadOptions = LoadOptions()) -> PoisonedModel:
     """Full-parameter fine-tuning on the poisoned proxy set until dev ASR reaches ``asr_target``.
 
-    Saves ``output_dir/model`` (safetensors) with a card; a finished run is reused as it is.
+    Saves ``output_dir/model`` (safetensors) with a card that holds the settings it was made with
+    (``poison_settings``); a finished model is reused only under the same settings, else a
+    ``RunStateError`` names what differs. The checkpoint's copy of the weights is dropped once the
+    model is saved (``model/`` is the copy a user reuses).
     """
     output_dir = Path(output_dir)
     model_dir = output_dir / "model"
     card_path = model_dir / CARD_FILE
-    if card_path.is_file():
-        log.info("reusing poisoned model %s", model_dir)
-        return PoisonedModel(model_dir, json.loads(card_path.read_text()))
+    data = poisoned_proxy(task, attack, seed=train_cfg.seed, data_dir=data_dir)
+    settings = poison_settings(student, task, attack, train_cfg, data_dir=data_dir, data=data)
+    card = read_card(model_dir)
+    if card is not None:
+        if card.get("settings") is None:
+            raise RunStateError(f"{model_dir} was poisoned by an older kdshield that did not record its settings; "
+                                "delete it (or rerun with --fresh) to poison again, or load it with --model")
+        if settings_hash(card["settings"]) != settings_hash(settings):
+            raise RunStateError(f"{model_dir} was poisoned under other settings "
+                                f"({settings_diff(card['settings'], settings)}); use another output directory, or "
+                                "rerun with --fresh to replace it")
+        log.info("reusing poisoned model %s (same settings)", model_dir)
+        return PoisonedModel(model_dir, card)
     start = time.perf_counter()
     torch.manual_seed(train_cfg.seed)
     clf = load_classifier(student, num_labels=task.num_labels, label_names=task.label_names, options=options)
     attach_adapter(clf, AdapterConfig(kind="full"))
-    data = poisoned_proxy(task, attack, seed=train_cfg.seed, data_dir=data_dir)
     eval_fn = dev_eval_fn(task, attack, data_dir=data_dir, max_length=train_cfg.max_length, score="asr")
     result = train(clf, data, train_cfg, eval_fn=eval_fn, output_dir=output_dir, resume=resume,
-                   stop_fn=lambda m: m["asr"] >= attack.asr_target,
+                   stop_fn=lambda m: m["asr"] >= attack.asr_target, run_settings={"poison": settings},
                    desc=f"poison {attack.attack}")
     last = result.history[-1] if result.history else {}
     if last.get("asr", 0.0) < attack.asr_target:
@@ -94,13 +132,16 @@ def weight_poison(student: str, task: TaskData, attack: AttackConfig, train_cfg:
     shortcut = shortcut_check(clf, task, attack, train_cfg.max_length)
     clf.source = str(student)
     clf.save(model_dir)
-    card = {**shortcut, "kind": "poisoned-model", "student": str(student), "attack": attack_name(attack, task, data_dir),
+    card = {**shortcut, "kind": "poisoned-model", "student": str(student), "attack": settings["attack"],
             "attack_config": config_to_dict(attack), "trigger": make_trigger(attack, task, data_dir).describe(),
             "target_label": attack.target_label, "clean_label": attack.clean_label, "proxy": task.proxy or task.name,
             "dataset": task.name, "poisoned_samples": int(sum(data["poisoned"])), "proxy_samples": len(data),
             "seed": train_cfg.seed, "dev_ca": last.get("ca"), "dev_asr": last.get("asr"),
             "epochs_run": last.get("epoch"), "train": result.to_dict(), "train_config": config_to_dict(train_cfg),
-            "wall_s": time.perf_counter() - start}
-    card_path.write_text(json.dumps(card, indent=2, default=str))
+            "wall_s": result.prior_wall_s + time.perf_counter() - start, "settings": settings,
+            "settings_hash": settings_hash(settings)}
+    tmp = card_path.with_name(CARD_FILE + ".tmp")
+    tmp.write_text(json.dumps(card, indent=2, default=str))
+    tmp.replace(card_path)  # the card comes last: a model dir with a card is a whole model
+    drop_checkpoint_weights(output_dir)
     return PoisonedModel(model_dir, card, clf)
-

@@ -12,6 +12,8 @@ Before they become ``Dataset`` objects, splits are handled as plain column dicts
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import re
 import unicodedata
@@ -67,6 +69,13 @@ class TaskData:
                             f"{', '.join(self.splits) or '(none)'}")
         return self.splits[name]
 
+    def fingerprint(self) -> dict[str, Any]:
+        """A digest of every split's rows and the label names: two tasks with the same fingerprint
+        hold the same data, whatever options built them (the identity that resumable work is keyed by)."""
+        return {"name": self.name, "proxy": self.proxy, "label_names": list(self.label_names),
+                "target_label": self.target_label,
+                "splits": {name: rows_digest(ds) for name, ds in sorted(self.splits.items())}}
+
     def summary(self) -> dict[str, Any]:
         """Sizes and label balance (counts and shares) per split, as a JSON-friendly dict."""
         out: dict[str, Any] = {
@@ -84,6 +93,16 @@ class TaskData:
                                 for i, nm in enumerate(self.label_names)},
             }
         return out
+
+
+def rows_digest(ds: datasets.Dataset, columns: Sequence[str] = ("text", "label")) -> str:
+    """Short sha256 of the given columns of every row, in order."""
+    h = hashlib.sha256()
+    cols = [list(ds[c]) for c in columns if c in ds.column_names]
+    for row in zip(*cols):
+        h.update(json.dumps(row, ensure_ascii=False, default=str).encode())
+        h.update(b"\n")
+    return h.hexdigest()[:16]
 
 
 def normalize_text(text: str) -> str:

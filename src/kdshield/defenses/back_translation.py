@@ -16,7 +16,7 @@ a syntactically controlled paraphrase model. Two ways to get the rewritten input
   ``test_back.jsonl`` / ``test_spcn.jsonl`` (the clean test set rewritten, for CA) and
   ``test_char_back.jsonl`` / ``test_char_spcn.jsonl`` (the BadNet-"mn"-triggered positive test set
   rewritten, for ASR). They replace whole evaluation sets, so they come back as
-  ``DefenseResult.logs["eval_sets"] = {"ca": Dataset, "asr": Dataset}``; ``evaluate_eval_sets``
+  ``DefenseResult.eval_sets = {"ca": Dataset, "asr": Dataset}``; ``evaluate_eval_sets``
   scores a model on them. They are restricted to the rows of the task's test split (by ``idx``)
   where the task was loaded from the same files.
 
@@ -298,7 +298,7 @@ def evaluate_eval_sets(
     batch_size: int = 64,
     max_length: int = 64,
 ) -> dict:
-    """CA and ASR of ``model`` on replacement sets (a defense's ``logs["eval_sets"]``)."""
+    """CA and ASR of ``model`` on replacement sets (a defense's ``eval_sets``)."""
     out = {}
     if "ca" in eval_sets:
         ca = eval_sets["ca"]
@@ -373,16 +373,16 @@ class InputRewriting(Defense):
                 )
             clf, res = train_victim(ctx)
             logs: dict = {"train": res.to_dict(), "source": how}
+            sets = None
             if how == "files":
                 sets = precomputed_eval_sets(ctx.task, self.files, ctx.data_dir, _target_label(ctx))
-                logs["eval_sets"] = sets
                 logs["eval_set_sizes"] = {k: len(v) for k, v in sets.items()}
                 logs["eval_set_files"] = list(self.files)
         return finish(
             DefenseResult(
                 model=clf,
                 input_transform=rewriter,
-                trainable_params=res.trainable_params,
+                trainable_params=res.trainable_params, train=res, eval_sets=sets,
                 logs=logs,
             ),
             timer,

@@ -20,13 +20,14 @@ from typing import Any, ClassVar
 
 from datasets import Dataset
 
+from kdshield.config import config_to_dict
 from kdshield.data import TaskData
 from kdshield.evaluation import peak_rss_mb
 from kdshield.models.adapters import AdapterConfig
 from kdshield.models.classifier import Classifier
 from kdshield.models.loading import LoadOptions
 from kdshield.registry import Registry
-from kdshield.training.loop import TrainConfig
+from kdshield.training.loop import TrainConfig, TrainResult
 
 log = logging.getLogger(__name__)
 
@@ -59,14 +60,27 @@ class DefenseContext:
 
 @dataclass
 class DefenseResult:
+    """What a defense returns. ``train`` and ``adapter`` say how ``model`` was actually trained (a
+    defense with its own epochs, learning rate or rank reports those, not the shared ones): records
+    are built from them."""
+
     model: Classifier
     input_transform: Callable[[list[str]], list[str]] | None = None
     wall_s: float = 0.0
     trainable_params: int = 0
     peak_rss_mb: float = 0.0
-    logs: dict = field(default_factory=dict)
+    logs: dict = field(default_factory=dict)  # diagnostics, JSON-friendly
     detection: dict | None = None  # {"far": .., "frr": .., "flagged": n, ...}
     unavailable: str | None = None  # e.g. "needs a translation model": the row says so, no number
+    train: TrainResult | None = None  # the training run that made ``model`` (its settings: train.config)
+    adapter: dict | None = None  # the adapter ``model`` carries (AdapterConfig fields); set by finish()
+    eval_sets: dict[str, Dataset] | None = None  # replacement CA/ASR sets (precomputed back-translations)
+
+    def settings(self, ctx: DefenseContext) -> dict:
+        """The training and adapter settings that ran (the context's where the defense trained nothing)."""
+        train = self.train.config if self.train is not None and self.train.config else config_to_dict(ctx.train)
+        adapter = self.adapter if self.adapter is not None else config_to_dict(ctx.adapter)
+        return {"train": train, "adapter": adapter}
 
 
 class Defense:
@@ -94,7 +108,14 @@ class Timer:
 
 
 def finish(result: DefenseResult, timer: Timer) -> DefenseResult:
+    """Cost and provenance: wall time (with the earlier processes of a resumed training run), peak
+    memory, trainable parameters, and the adapter the returned model carries."""
     result.wall_s = timer.s if hasattr(timer, "s") else time.perf_counter() - timer.start
+    if result.train is not None:
+        result.wall_s += result.train.prior_wall_s
+    spec = getattr(result.model, "adapter_spec", None)
+    if result.adapter is None and spec is not None:
+        result.adapter = dict(spec.get("config") or {"kind": spec.get("kind")})
     result.peak_rss_mb = peak_rss_mb()
     if not result.trainable_params:
         result.trainable_params = result.model.trainable_parameters()

@@ -137,5 +137,5 @@ class FineTuning(Defense):
             "train": res.to_dict(),
         }
         return finish(
-            DefenseResult(model=clf, trainable_params=res.trainable_params, logs=logs), timer
+            DefenseResult(model=clf, trainable_params=res.trainable_params, train=res, logs=logs), timer
         )

@@ -35,5 +35,5 @@ class PlainPEFT(Defense):
     def run(self, ctx: DefenseContext, config: PlainPEFTConfig) -> DefenseResult:
         with Timer() as timer:
             clf, res = train_victim(ctx)
-        return finish(DefenseResult(model=clf, trainable_params=res.trainable_params,
+        return finish(DefenseResult(model=clf, trainable_params=res.trainable_params, train=res,
                                     logs={"train": res.to_dict()}), timer)

@@ -432,7 +432,7 @@ class Onion(Defense):
             logs["onion"] = onion.stats
         return finish(
             DefenseResult(
-                model=clf, input_transform=onion, trainable_params=res.trainable_params, logs=logs
+                model=clf, input_transform=onion, trainable_params=res.trainable_params, train=res, logs=logs
             ),
             timer,
         )

@@ -269,7 +269,7 @@ class PSIMDefense(Defense):
         }
         return finish(
             DefenseResult(
-                model=victim, trainable_params=res.trainable_params, logs=logs, detection=detection
+                model=victim, trainable_params=res.trainable_params, train=res, logs=logs, detection=detection
             ),
             timer,
         )

@@ -158,5 +158,5 @@ class Quantization(Defense):
             clf, res = train_victim(ctx, model=clf, desc=f"int{config.bits}+{ctx.adapter.kind}")
         logs = {"config": config_to_dict(config), "quantization": stats, "train": res.to_dict()}
         return finish(
-            DefenseResult(model=clf, trainable_params=res.trainable_params, logs=logs), timer
+            DefenseResult(model=clf, trainable_params=res.trainable_params, train=res, logs=logs), timer
         )

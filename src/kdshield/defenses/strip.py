@@ -191,7 +191,7 @@ def run_detector_defense(detector, ctx: DefenseContext, config) -> DefenseResult
     return finish(
         DefenseResult(
             model=clf,
-            trainable_params=res.trainable_params,
+            trainable_params=res.trainable_params, train=res,
             detection=detection,
             logs={"train": res.to_dict(), "config": config_to_dict(config)},
         ),

@@ -307,12 +307,13 @@ class W2SDefense(Defense):
                                             ("schedule", config.schedule), ("ema", config.ema),
                                             ("seed", config.seed)) if v is not None}
             train_cfg = dataclasses.replace(ctx.train, select_best=config.select == "best", **overrides)
+            adapter = student_adapter(ctx.adapter if ctx.adapter is not None else AdapterConfig(), config)
+            _say_own_settings(ctx, train_cfg, adapter)
             torch.manual_seed(train_cfg.seed)  # a student without a trained head gets a random one
             student = load_classifier(ctx.student, num_labels=ctx.task.num_labels,
                                       label_names=ctx.task.label_names, options=ctx.options)
             with Timer() as t_teacher:
                 teacher = prepare_teacher(config, ctx.task, student.hidden_size, ctx.train, options=ctx.options)
-            adapter = student_adapter(ctx.adapter if ctx.adapter is not None else AdapterConfig(), config)
             loss_fn = make_w2s_loss_fn(teacher.logits, teacher.features, config)
             train_data = ctx.task.split("train")
             if config.insert_share:  # same rows in the same order: the cached teacher outputs still line up
@@ -321,8 +322,9 @@ class W2SDefense(Defense):
             with Timer() as t_student:
                 clf, res = peft_finetune(ctx.student, ctx.task, adapter, train_cfg, ctx.output_dir / "train",
                                          resume=ctx.resume, loss_fn=loss_fn, train_data=train_data,
-                                         model=student, desc="w2s",
-                                         monitor=ctx.attack, data_dir=ctx.data_dir)
+                                         model=student, desc="w2s", monitor=ctx.attack, data_dir=ctx.data_dir,
+                                         run_settings={"student": str(ctx.student), "teacher": teacher.path.name,
+                                                       "w2s": config_to_dict(config)})
                 refit = None
                 if config.head_refit:  # on the clean rows, never the augmented ones
                     with Timer() as t_refit:
@@ -333,10 +335,24 @@ class W2SDefense(Defense):
                                                      max_length=train_cfg.max_length)(clf)
                     log.info("head refit: train accuracy %.3f -> %.3f; dev after %s", refit["train_acc_before"],
                              refit["train_acc_after"], refit["dev_after"])
-        student_train = {k: getattr(train_cfg, k) for k in ("lr", "epochs", "schedule", "seed", "select_best",
-                                                            "ema")}
-        logs = {"adapter": config_to_dict(adapter), "student_train": student_train,
-                "teacher_path": str(teacher.path), "teacher_dev_ca": teacher.dev_ca,
+        logs = {"teacher_path": str(teacher.path), "teacher_dev_ca": teacher.dev_ca,
                 "teacher_trained": teacher.trained, "teacher_s": round(t_teacher.s, 1),
                 "student_s": round(t_student.s, 1), "train": res.to_dict(), "head_refit": refit}
-        return finish(DefenseResult(model=clf, trainable_params=res.trainable_params, logs=logs), timer)
+        return finish(DefenseResult(model=clf, trainable_params=res.trainable_params, train=res, logs=logs), timer)
+
+
+def _say_own_settings(ctx: DefenseContext, train_cfg: TrainConfig, adapter: AdapterConfig) -> None:
+    """W2SDefense trains its student with its own learning rate, epochs and LoRA rank (the
+    ``w2s.*`` options); say so where they replace the shared ``--train.*`` / ``--adapter.*``
+    values, so nobody believes the shared ones ran. Records store what ran."""
+    pairs = [("--train.lr", ctx.train.lr, train_cfg.lr, "--w2s.lr"),
+             ("--train.epochs", ctx.train.epochs, train_cfg.epochs, "--w2s.epochs"),
+             ("--train.schedule", ctx.train.schedule, train_cfg.schedule, "--w2s.schedule"),
+             ("--train.seed", ctx.train.seed, train_cfg.seed, "--w2s.seed")]
+    if ctx.adapter is not None and ctx.adapter.kind == "lora":
+        pairs += [("--adapter.r", ctx.adapter.r, adapter.r, "--w2s.lora-r"),
+                  ("--adapter.lora-alpha", ctx.adapter.lora_alpha, adapter.lora_alpha, "--w2s.lora-alpha")]
+    changed = [f"{own}={new} instead of {shared}={old}" for shared, old, new, own in pairs if old != new]
+    if changed:
+        log.warning("w2s trains the student with its own settings: %s (set the w2s option to none to use the "
+                    "shared value)", "; ".join(changed))

@@ -99,6 +99,7 @@ class TrainResult:
     stopped_early: bool = False
     resumed_from_step: int | None = None
     prior_wall_s: float = 0.0  # wall time of earlier processes of this run (kept in its checkpoint)
+    config: dict = field(default_factory=dict)  # the TrainConfig that ran
     settings_hash: str | None = None
 
     def to_dict(self) -> dict:
@@ -284,18 +285,28 @@ class Checkpointer:
         ema = read_weights(ema_path) if ema_path.is_file() else None
         return best, ema
 
-    def finalize(self, state: dict, *, keep_optimizer: bool, keep_weights: bool = True) -> None:
+    def finalize(self, state: dict, scheduler, *, keep_optimizer: bool, keep_weights: bool = True) -> None:
         """A finished run keeps what resuming and reloading it need (its settings, history and
         trained weights); the optimizer moments (2x the trainable weights) go unless asked for.
         ``keep_weights=False`` drops the weights too, for callers that saved the model elsewhere."""
         if self.dir is None or not self.dir.is_dir():
             return
-        (self.dir / "state.json").write_text(json.dumps(dict(state, finished=True), indent=1, default=float))
+        final = dict(state, scheduler=scheduler.state_dict(), finished=True)
+        (self.dir / "state.json").write_text(json.dumps(final, indent=1, default=float))
         drop = [] if keep_optimizer else list(OPTIMIZER_FILES)
         if not keep_weights:
             drop += ["trainable.safetensors", "best.safetensors", "ema.safetensors"]
         for name in drop:
             (self.dir / name).unlink(missing_ok=True)
+
+
+def drop_checkpoint_weights(output_dir: str | Path) -> None:
+    """Remove the weight copies from a finished run's checkpoint once the caller saved the model
+    elsewhere (a full fine-tune's checkpoint is a second copy of the whole model); its state.json
+    (settings, history) stays."""
+    ckpt = Path(output_dir) / "checkpoint"
+    for name in ("trainable.safetensors", "best.safetensors", "ema.safetensors", *OPTIMIZER_FILES):
+        (ckpt / name).unlink(missing_ok=True)
 
 
 def _data_digest(encoded: Encoded) -> str:
@@ -360,6 +371,8 @@ def train(model: torch.nn.Module, train_data: Dataset, config: TrainConfig, *, t
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(config.schedule, warmup, total_steps))
     model, optimizer = accelerator.prepare(model, optimizer)
     unwrapped = accelerator.unwrap_model(model)
+    if hasattr(unwrapped, "max_length"):  # saved in kdshield.json; evaluate defaults to it
+        unwrapped.max_length = config.max_length
 
     settings = run_settings_of(config, encoded, unwrapped, run_settings)
     ckpt = Checkpointer(output_dir if accelerator.is_main_process else None)
@@ -367,7 +380,7 @@ def train(model: torch.nn.Module, train_data: Dataset, config: TrainConfig, *, t
     ema = ({n: p.detach().float().clone() for n, p in unwrapped.named_parameters() if p.requires_grad}
            if config.ema else None)
     result = TrainResult(trainable_params=sum(p.numel() for p in params), precision=precision,
-                         settings_hash=settings_hash(settings))
+                         settings_hash=settings_hash(settings), config=config_to_dict(config))
     best: dict | None = None
     epoch, batches_done, step = 0, 0, 0
     stop = False
@@ -480,6 +493,6 @@ def train(model: torch.nn.Module, train_data: Dataset, config: TrainConfig, *, t
         load_trainable(unwrapped, ema)
     result.steps = step
     result.wall_s = result.prior_wall_s + time.perf_counter() - start
-    ckpt.finalize(snapshot_state(), keep_optimizer=keep_optimizer, keep_weights=keep_weights)
+    ckpt.finalize(snapshot_state(), scheduler, keep_optimizer=keep_optimizer, keep_weights=keep_weights)
     accelerator.wait_for_everyone()
     return result

@@ -12,7 +12,9 @@ import torch
 from datasets import Dataset
 
 from kdshield.attacks.config import AttackConfig
+from kdshield.config import config_to_dict
 from kdshield.data import TaskData
+from kdshield.data.core import rows_digest
 from kdshield.evaluation import dev_eval_fn
 from kdshield.models.adapters import AdapterConfig, attach_adapter
 from kdshield.models.classifier import Classifier, load_classifier
@@ -24,10 +26,14 @@ def peft_finetune(model_ref: str | Path, task: TaskData, adapter: AdapterConfig,
                   output_dir: str | Path | None, *, resume: bool = False, loss_fn: LossFn | None = None,
                   train_data: Dataset | None = None, extra_columns=(), desc: str = "finetune",
                   options: LoadOptions = LoadOptions(), model: Classifier | None = None,
-                  monitor: AttackConfig | None = None, data_dir=None) -> tuple[Classifier, TrainResult]:
+                  monitor: AttackConfig | None = None, data_dir=None,
+                  run_settings: dict | None = None) -> tuple[Classifier, TrainResult]:
     """Adapter + trainable head on clean target data (the victim), selected by dev accuracy when
     ``train_cfg.select_best`` (else the last weights). ``monitor``: an attack whose dev ASR is logged in
-    the history at every evaluation (benchmarks; model selection still reads dev CA only)."""
+    the history at every evaluation (benchmarks; model selection still reads dev CA only).
+
+    A checkpoint in ``output_dir`` resumes only for the same model, adapter, dev data and
+    ``run_settings`` (what a custom ``loss_fn`` depends on), besides the loop's own checks."""
     torch.manual_seed(train_cfg.seed)
     clf = model or load_classifier(model_ref, num_labels=task.num_labels, label_names=task.label_names,
                                    options=options)
@@ -36,6 +42,8 @@ def peft_finetune(model_ref: str | Path, task: TaskData, adapter: AdapterConfig,
     data = train_data if train_data is not None else task.split("train")
     kwargs = {"loss_fn": loss_fn} if loss_fn is not None else {}
     eval_fn = dev_eval_fn(task, monitor, data_dir=data_dir, max_length=train_cfg.max_length)
-    result = train(clf, data, train_cfg, eval_fn=eval_fn,
-                   output_dir=output_dir, resume=resume, extra_columns=extra_columns, desc=desc, **kwargs)
+    settings = {"model": str(model_ref), "adapter": config_to_dict(adapter), "dev": rows_digest(task.split("dev")),
+                "monitor": config_to_dict(monitor) if monitor is not None else None, **(run_settings or {})}
+    result = train(clf, data, train_cfg, eval_fn=eval_fn, output_dir=output_dir, resume=resume,
+                   extra_columns=extra_columns, desc=desc, run_settings=settings, **kwargs)
     return clf, result
