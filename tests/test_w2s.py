@@ -326,3 +326,65 @@ def test_w2s_head_refit_end_to_end(tiny_llama_dir, tiny_bert_dir, toy_dataset, t
 def test_head_refit_is_on_by_default_and_off_in_the_paper_presets():
     assert W2SConfig().head_refit and W2SConfig.from_preset("embedded").head_refit
     assert not any(W2SConfig.from_preset(p).head_refit for p in ("paper-badnet", "paper-insent", "paper-syntactic"))
+
+
+def test_w2s_lowers_the_asr_that_plain_lora_keeps(tiny_llama_dir, tiny_bert_dir, tmp_path):
+    """A tiny Llama, fully fine-tuned on a proxy set with 60 dirty-label "mn" (BadNet) rows, keeps its
+    backdoor through plain LoRA on clean data; W2SDefense on the same data, seed and shared settings
+    removes a clear part of it and keeps CA.
+
+    W2SConfig's defaults (tuned for the embedded MiniLM -> SmolLM2 pair) do not beat plain LoRA here:
+    ASR 0.74 against LoRA's 0.80 at seed 0, and margins -0.17..0.06 over defense seeds 0-4. The
+    changes from the defaults, and why:
+
+    - teacher_epochs 5, teacher_lr 3e-3, teacher_batch_size 16: the random tiny BERT stays at chance
+      (dev CA 0.5) with the defaults, which are meant for a pretrained MiniLM; these reach dev CA 1.0;
+    - lr 3e-3, epochs 8 (defaults 1e-3, 4): the student needs more and larger steps for distillation
+      to move its features (seeds 0-4: W2S ASR 0.20-0.39 against LoRA's 0.66-0.85). The same schedule
+      with the distillation terms off (beta = gamma = 0) leaves ASR 0.50-0.71, so the schedule alone
+      does not pass at seed 0 (0.68 against 0.80).
+
+    gamma, beta, rank and the head refit keep their defaults.
+    """
+    from datasets import Dataset
+
+    from kdshield.attacks.config import AttackConfig, poisoned_proxy
+    from kdshield.evaluation import evaluate_model
+    from kdshield.training.loop import train
+
+    from .conftest import make_sentiment_texts
+
+    def toy(n, seed):
+        texts, labels = make_sentiment_texts(n, seed)
+        return Dataset.from_dict({"text": texts, "label": labels})
+
+    task = TaskData(name="toy", label_names=["negative", "positive"], source="test",
+                    splits={"proxy": toy(200, 1), "train": toy(160, 2), "dev": toy(80, 3), "test": toy(200, 4)})
+    attack = AttackConfig(attack="badnet", trigger={"words": ["mn"]}, clean_label=False, poison_count=60,
+                          target_label=0)
+    torch.manual_seed(0)
+    attacker = load_classifier(tiny_llama_dir, num_labels=2)
+    attach_adapter(attacker, AdapterConfig(kind="full"))
+    train(attacker, poisoned_proxy(task, attack), TrainConfig(epochs=15, lr=3e-3, batch_size=16, precision="fp32",
+                                                              warmup_ratio=0.0, checkpoint_every=0))
+    attacker.save(tmp_path / "poisoned")
+    poisoned = evaluate_model(attacker, task, attack, precision="fp32")
+
+    shared = TrainConfig(epochs=2, lr=3e-3, batch_size=16, max_length=32, precision="fp32", seed=0,
+                         checkpoint_every=0, select_best=False)
+
+    def defend(method, config):
+        ctx = DefenseContext(student=str(tmp_path / "poisoned"), task=task, output_dir=tmp_path / method,
+                             train=shared, adapter=AdapterConfig(kind="lora", r=4))
+        res = DEFENSES.get(method)().run(ctx, config)
+        return res, evaluate_model(res.model, task, attack, precision="fp32")
+
+    _, lora = defend("lora", DEFENSES.get("lora").config_class())
+    w2s_res, w2s = defend("w2s", W2SConfig(teacher=str(tiny_bert_dir), teacher_epochs=5, teacher_lr=3e-3,
+                                           teacher_batch_size=16, lr=3e-3, epochs=8))
+    seen = {"poisoned": poisoned, "lora": lora, "w2s": w2s}
+    assert poisoned["asr"] >= 0.8 and poisoned["ca"] >= 0.9, seen  # the backdoor is there
+    assert lora["asr"] >= 0.6, seen  # plain LoRA on clean data keeps it
+    assert w2s_res.logs["teacher_dev_ca"] >= 0.9, w2s_res.logs  # a teacher that learned the task
+    assert w2s["asr"] < lora["asr"] - 0.2, seen  # W2SDefense removes a clear part of it
+    assert w2s["ca"] >= 0.9, seen  # without losing the task (chance is 0.5)
