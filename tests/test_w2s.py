@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
+import time
 
+import numpy as np
 import pytest
 import torch
 
+from kdshield.attacks.config import AttackConfig, poisoned_proxy
 from kdshield.data.core import TaskData
 from kdshield.defenses import DEFENSES, DefenseContext
 from kdshield.defenses.w2s import (
@@ -17,9 +20,11 @@ from kdshield.defenses.w2s import (
     w2s_loss,
 )
 from kdshield.errors import ConfigError
+from kdshield.evaluation import evaluate_model
+from kdshield.inference import predict
 from kdshield.models.adapters import AdapterConfig, attach_adapter
 from kdshield.models.classifier import load_classifier
-from kdshield.training.loop import TrainConfig
+from kdshield.training.loop import TrainConfig, train
 from kdshield.training.losses import distillation_kl, feature_alignment
 
 
@@ -119,11 +124,11 @@ def test_gradients_reach_only_adapter_and_head(tiny_llama_dir, tiny_bert_dir, to
     batch.update(labels=torch.tensor(task.split("train")["label"][:4]), index=torch.arange(4))
     loss, _ = loss_fn(student, batch)
     loss.backward()
-    for name, p in student.named_parameters():
-        has_grad = p.grad is not None and p.grad.abs().sum() > 0
-        if "lora_" in name or name.startswith("head."):
-            continue
-        assert not has_grad, name
+    with_grad = {name for name, p in student.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+    # lora_B starts at zero, so lora_A gets no gradient on the first step: B and the head do
+    expected = {name for name, _ in student.named_parameters() if "lora_B" in name or name.startswith("head.")}
+    assert len(expected) == 2 * 2 + 2  # q_proj, v_proj in each of 2 layers; head weight and bias
+    assert with_grad == expected
     assert all(p.grad is None for p in teacher.model.parameters())
     assert not any(p.requires_grad for p in teacher.model.parameters())
 
@@ -150,30 +155,37 @@ def test_teacher_cache_key_ignores_new_options_while_off():
 
 
 def test_w2s_end_to_end_tiny(tiny_llama_dir, tiny_bert_dir, toy_dataset, tmp_path):
-    from kdshield.evaluation import evaluate_model
-
     task = _task(toy_dataset)
     ctx = DefenseContext(student=str(tiny_llama_dir), task=task, output_dir=tmp_path / "w2s",
                          train=TrainConfig(epochs=2, batch_size=8, precision="fp32"),
                          adapter=AdapterConfig(kind="lora", r=4))
     defense = DEFENSES.get("w2s")()
+    start = time.perf_counter()
     res = defense.run(ctx, W2SConfig(teacher=str(tiny_bert_dir), teacher_epochs=1, lr=5e-3, epochs=2, lora_r=6,
                                      lora_alpha=12.0))
-    assert res.trainable_params > 0 and res.wall_s > 0
+    outer = time.perf_counter() - start
+    # rank 6 on q_proj (32 -> 32) and v_proj (32 -> 16: one KV head of 16) in 2 layers, plus Linear(32, 2)
+    lora = 2 * (6 * (32 + 32) + 6 * (32 + 16))
+    assert res.trainable_params == lora + 32 * 2 + 2
+    assert res.trainable_params == sum(p.numel() for p in res.model.parameters() if p.requires_grad)
+    assert 0.5 * outer < res.wall_s <= outer  # the run's own wall time, in seconds
     assert res.model.adapter_spec["config"]["r"] == 6  # the defense's own rank, not --adapter.r
-    assert res.logs["adapter"]["r"] == 6 and res.logs["adapter"]["lora_alpha"] == 12.0  # recorded as trained
+    assert res.adapter["r"] == 6 and res.adapter["lora_alpha"] == 12.0  # recorded as trained
     assert res.logs["train"]["steps"] == 12
+    test = task.split("test")
     metrics = evaluate_model(res.model, task, None)
-    assert 0.0 <= metrics["ca"] <= 1.0
+    probs = predict(res.model, list(test["text"])).probs
+    assert metrics["ca"] == pytest.approx(float(np.mean(probs.argmax(1) == np.asarray(test["label"]))))
+    assert metrics["n_ca"] == 32
     res.model.save(tmp_path / "adapter")
     again = load_classifier(tmp_path / "adapter")
-    assert again.adapter_spec["kind"] == "lora"
+    assert again.adapter_spec["kind"] == "lora" and again.adapter_spec["config"]["r"] == 6
+    np.testing.assert_allclose(predict(again, list(test["text"])).probs, probs, atol=1e-5)
 
 
 def test_w2s_keeps_last_weights_and_logs_dev_asr(tiny_llama_dir, tiny_bert_dir, toy_dataset, tmp_path):
     from safetensors.torch import load_file
 
-    from kdshield.attacks.config import AttackConfig
 
     task = _task(toy_dataset)
     cfg = dict(teacher=str(tiny_bert_dir), teacher_epochs=1, lr=5e-3, epochs=3, lora_r=4, lora_alpha=8.0,
@@ -185,7 +197,10 @@ def test_w2s_keeps_last_weights_and_logs_dev_asr(tiny_llama_dir, tiny_bert_dir, 
                              adapter=AdapterConfig(kind="lora", r=4), attack=AttackConfig(attack="badnet"))
         res = DEFENSES.get("w2s")().run(ctx, W2SConfig(select=select, **cfg))
         history = res.logs["train"]["history"]
-        assert len(history) == 3 and all(0.0 <= h["asr"] <= 1.0 for h in history)  # monitored, per epoch
+        assert [h["epoch"] for h in history] == [1, 2, 3] and all("asr" in h for h in history)  # per epoch
+        if select == "last":  # the returned student is the last epoch's: its dev metrics are the last entry
+            dev = evaluate_model(res.model, task, AttackConfig(attack="badnet"), split="dev")
+            assert history[-1]["asr"] == pytest.approx(dev["asr"]) and history[-1]["ca"] == pytest.approx(dev["ca"])
         ckpt = tmp_path / select / "train" / "checkpoint"
         params = dict(res.model.named_parameters())
         last = load_file(str(ckpt / "trainable.safetensors"))
@@ -215,8 +230,8 @@ def test_w2s_seed_changes_the_student_not_the_teacher(tiny_llama_dir, tiny_bert_
     same = all(torch.equal(v, runs[0][0][n]) for n, v in runs[None][0].items())
     other = all(torch.equal(v, runs[1][0][n]) for n, v in runs[None][0].items())
     assert same and not other  # seed none follows --train.seed (0); seed 1 trains another student
-    assert res.logs["student_train"] == {"lr": 5e-3, "epochs": 1, "schedule": "linear", "seed": 1,
-                                         "select_best": False, "ema": 0.0}
+    ran = {k: res.train.config[k] for k in ("lr", "epochs", "schedule", "seed", "select_best", "ema")}
+    assert ran == {"lr": 5e-3, "epochs": 1, "schedule": "linear", "seed": 1, "select_best": False, "ema": 0.0}
     with pytest.raises(ConfigError, match="w2s.seed"):
         W2SConfig(seed=-1)
 
@@ -229,7 +244,7 @@ def test_w2s_schedule_overrides_the_shared_one(tiny_llama_dir, tiny_bert_dir, to
     cfg = W2SConfig(teacher=str(tiny_bert_dir), teacher_epochs=1, lr=5e-3, epochs=1, lora_r=4, lora_alpha=8.0,
                     schedule="constant")
     res = DEFENSES.get("w2s")().run(ctx, cfg)
-    assert res.logs["student_train"]["schedule"] == "constant"
+    assert res.train.config["schedule"] == "constant"
     with pytest.raises(ConfigError, match="w2s.schedule"):
         W2SConfig(schedule="step")
 
@@ -277,6 +292,9 @@ def test_head_refit_drops_weights_on_directions_clean_data_leaves_unused():
     assert torch.allclose(head.out.weight[:, 7], torch.zeros(2))  # fit from zero: nothing along 7
     assert head(triggered)[0].argmax().item() == 1
     assert info["train_acc_after"] >= 0.97 and info["n"] == 400
+    with torch.no_grad():
+        own = (head(x)[0].argmax(1) == y).double().mean().item()
+    assert info["train_acc_after"] == pytest.approx(own, abs=1e-4)
     # a stronger penalty gives smaller weights
     strong = ClassificationHead(8, 2)
     strong.refit(x, y, l2=1.0)
@@ -303,7 +321,6 @@ def test_head_refit_keeps_a_projection_and_rejects_bad_input():
 def test_w2s_head_refit_end_to_end(tiny_llama_dir, tiny_bert_dir, toy_dataset, tmp_path):
     from safetensors.torch import load_file
 
-    from kdshield.attacks.config import AttackConfig
 
     task = _task(toy_dataset)
     ctx = DefenseContext(student=str(tiny_llama_dir), task=task, output_dir=tmp_path / "run",
@@ -313,8 +330,12 @@ def test_w2s_head_refit_end_to_end(tiny_llama_dir, tiny_bert_dir, toy_dataset, t
                     head_refit=True)
     res = DEFENSES.get("w2s")().run(ctx, cfg)
     refit = res.logs["head_refit"]
-    assert refit["n"] == 48 and 0.0 <= refit["train_acc_after"] <= 1.0
-    assert 0.0 <= refit["dev_after"]["asr"] <= 1.0  # the monitor sees the refit student
+    clean = task.split("train")
+    train_acc = float(np.mean(predict(res.model, list(clean["text"])).labels == np.asarray(clean["label"])))
+    assert refit["n"] == 48 and refit["train_acc_after"] == pytest.approx(train_acc, abs=1e-4)
+    dev = evaluate_model(res.model, task, AttackConfig(attack="badnet"), split="dev")
+    assert refit["dev_after"]["asr"] == pytest.approx(dev["asr"])  # the monitor sees the refit student
+    assert refit["dev_after"]["ca"] == pytest.approx(dev["ca"])
     trained = load_file(str(tmp_path / "run" / "train" / "checkpoint" / "trainable.safetensors"))
     params = dict(res.model.named_parameters())
     assert not torch.equal(params["head.out.weight"].detach().cpu(), trained["head.out.weight"])  # refit
@@ -347,10 +368,6 @@ def test_w2s_lowers_the_asr_that_plain_lora_keeps(tiny_llama_dir, tiny_bert_dir,
     gamma, beta, rank and the head refit keep their defaults.
     """
     from datasets import Dataset
-
-    from kdshield.attacks.config import AttackConfig, poisoned_proxy
-    from kdshield.evaluation import evaluate_model
-    from kdshield.training.loop import train
 
     from .conftest import make_sentiment_texts
 
