@@ -3,13 +3,19 @@
 from __future__ import annotations
 
 import json
+import shutil
+import subprocess
+from pathlib import Path
 
 import numpy as np
 import pytest
 
+import kdshield.results
 from kdshield.errors import DataError
 from kdshield.evaluation import accuracy, attack_success_rate, far_frr, far_frr_curve, removal_ratio
-from kdshield.results import append_record, make_record, read_records
+from kdshield.results import append_record, git_hash, make_record, read_records
+
+SRC = Path(kdshield.results.__file__).resolve().parent
 
 
 def test_asr_counts_only_non_target_samples():
@@ -43,7 +49,7 @@ def test_removal_ratio():
 def test_records_roundtrip_and_truncated_last_line(tmp_path):
     path = tmp_path / "r.jsonl"
     rec = make_record("defend", "w2s", dataset="toy", ca=0.8, asr=0.2, seed=0)
-    assert rec["git"] is not None or rec["git"] is None  # key present either way
+    assert rec["git"] == git_hash()
     assert {"config", "versions", "time", "peak_rss_mb"} <= set(rec)
     append_record(path, rec)
     append_record(path, make_record("defend", "lora", ca=0.9, asr=0.9))
@@ -57,6 +63,67 @@ def test_records_roundtrip_and_truncated_last_line(tmp_path):
     with pytest.raises(ValueError, match="fraction"):
         make_record("x", "y", ca=1.5)
     assert json.loads(path.read_text().splitlines()[0])["method"] == "w2s"
+
+
+def _git(*args, cwd=SRC) -> str:
+    return subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, check=True).stdout.strip()
+
+
+def test_git_hash_is_the_checkout_head():
+    """In a git checkout (this one): the short hash of HEAD, with -dirty when tracked files changed."""
+    try:
+        head = _git("rev-parse", "--short", "HEAD")
+    except (OSError, subprocess.CalledProcessError):
+        pytest.skip("not a git checkout, or no git (the next test covers that case)")
+    git_hash.cache_clear()
+    got = git_hash()
+    git_hash.cache_clear()
+    assert isinstance(got, str), got
+    if got.removesuffix("-dirty") != head:  # someone committed in between: ask once more
+        head = _git("rev-parse", "--short", "HEAD")
+    assert got.removesuffix("-dirty") == head
+    assert make_record("defend", "w2s")["git"] == got
+
+
+def test_git_hash_clean_dirty_and_unavailable(tmp_path, monkeypatch):
+    """``-dirty`` exactly when a tracked file differs from HEAD (untracked files do not count); None
+    outside a repository and without git."""
+    repo = tmp_path / "repo"
+    (repo / "pkg").mkdir(parents=True)
+    module = repo / "pkg" / "results.py"
+    module.write_text("x = 1\n")
+    if shutil.which("git") is None:
+        monkeypatch.setattr(kdshield.results, "__file__", str(module))
+        git_hash.cache_clear()
+        assert git_hash() is None
+        git_hash.cache_clear()
+        return
+    _git("init", "-q", cwd=repo)
+    _git("add", "pkg/results.py", cwd=repo)
+    _git("-c", "user.name=t", "-c", "user.email=t@example.com", "commit", "-q", "-m", "one", cwd=repo)
+    head = _git("rev-parse", "--short", "HEAD", cwd=repo)
+    monkeypatch.setattr(kdshield.results, "__file__", str(module))
+
+    def fresh():
+        git_hash.cache_clear()
+        return git_hash()
+
+    try:
+        assert fresh() == head
+        (repo / "pkg" / "new.txt").write_text("untracked")
+        assert fresh() == head
+        module.write_text("x = 2\n")
+        assert fresh() == f"{head}-dirty"
+        outside = tmp_path / "outside" / "results.py"
+        outside.parent.mkdir()
+        monkeypatch.setenv("GIT_CEILING_DIRECTORIES", str(tmp_path))
+        monkeypatch.setattr(kdshield.results, "__file__", str(outside))
+        assert fresh() is None  # not a repository
+        monkeypatch.setattr(kdshield.results, "__file__", str(module))
+        monkeypatch.setenv("PATH", str(tmp_path / "no-bin"))
+        assert fresh() is None  # no git executable
+    finally:
+        git_hash.cache_clear()
 
 
 def test_peak_rss_window_resets_on_linux():
