@@ -111,34 +111,6 @@ def bench_command(config: Path, section: dict, base: dict) -> str:
     return shlex.join(["kdshield", "bench", str(config), *(x for s in sets for x in ("--set", s))])
 
 
-def run_clean_methods(cfg: GridConfig, methods: list[str]) -> None:
-    """``methods`` on the never-poisoned student, recorded like the grid's floor cells.
-
-    Uses the grid's own set-up (``GridRunner.make_block``: data, adapter, PEFT settings); the grid
-    runs only ``lora`` on the clean student, and a ``floor_methods`` option of the grid would make
-    this function unneeded.
-    """
-    from kdshield.attacks.config import AttackConfig, attack_name
-    from kdshield.bench import GridRunner
-
-    runner = GridRunner(cfg)
-    blocks = ((student, spec, seed) for student in cfg.students for spec in cfg.datasets
-              for seed in cfg.seeds)
-    for student, spec, seed in blocks:
-        block = runner.make_block(student, spec, seed)
-        task, work = block.task, block.work
-        for att in cfg.attacks:
-            attack = AttackConfig(attack=att, clean_label=cfg.clean_label,
-                                  asr_target=cfg.asr_target)
-            fields = dict(attack=attack_name(attack, task, cfg.data_dir),
-                          clean_label=attack.clean_label, target_label=attack.target_label,
-                          poisoned_model=False)
-            for method in methods:
-                # one run dir per method: later attacks resume the finished run, as the floor does
-                run_dir = work / (f"clean-{method}" + (f"-{cfg.tag}" if cfg.tag else ""))
-                block.run_method(method, student, attack, fields, run_dir)
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -162,18 +134,15 @@ def main(argv: list[str] | None = None) -> int:
         if args.only is not None and section.get("tag", "") not in args.only:
             continue
         # every variant is validated before the first one runs (hours may pass in between)
-        cfgs.append((build_config(GridConfig, section), section, clean))
+        cfgs.append((build_config(GridConfig, {**section, "clean_methods": clean}), section, clean))
     for cfg, section, clean in cfgs:
         print(f"# variant {cfg.tag or '(base)'}")
         print(bench_command(args.config, section, base))
         if clean:
-            print(f"# then on the never-poisoned student: {', '.join(clean)} "
-                  "(no kdshield bench equivalent)")
+            print(f"# with --set clean_methods=[{','.join(clean)}] (on the never-poisoned student)")
         if args.dry_run:
             continue
         run_grid(cfg)
-        if clean:
-            run_clean_methods(cfg, clean)
     if not args.dry_run and cfgs:
         from kdshield.results import read_records
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -51,15 +52,32 @@ def test_attack_finetune_defend_evaluate(tiny_llama_dir, tiny_bert_dir, toy_csv,
     assert main(["defend", "--method", "w2s", "--student", str(model), "--out", str(tmp_path / "w2s"),
                  "--w2s.teacher", str(tiny_bert_dir), "--w2s.teacher-epochs", "1", "--merge", *common]) == 0
     report = json.loads((tmp_path / "w2s" / "report.json").read_text())
-    assert set(report["metrics"]) >= {"ca", "asr"} and report["trainable_params"] > 0
+    # w2s's own LoRA rank 16 on q_proj (32 -> 32) and v_proj (32 -> 16) in 2 layers, plus Linear(32, 2)
+    assert set(report["metrics"]) >= {"ca", "asr"} and report["trainable_params"] == 2 * 16 * (64 + 48) + 66
     assert (tmp_path / "w2s" / "merged" / "model.safetensors").is_file()
     capsys.readouterr()
     assert main(["evaluate", "--model", str(tmp_path / "w2s" / "adapter"), "--data", str(toy_csv),
                  "--attack", "badnet"]) == 0
     metrics = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert metrics["ca"] == pytest.approx(report["metrics"]["ca"], abs=1e-6)
+    assert metrics["asr"] == pytest.approx(report["metrics"]["asr"], abs=1e-6)
     recs = [json.loads(line) for line in (tmp_path / "w2s" / "results.jsonl").read_text().splitlines()]
-    assert recs[0]["method"] == "w2s" and recs[0]["run"] == "defend" and recs[0]["git"] is not None or True
+    assert len(recs) == 1 and recs[0]["method"] == "w2s" and recs[0]["run"] == "defend"
+    assert recs[0]["ca"] == pytest.approx(report["metrics"]["ca"]) and recs[0]["asr"] == pytest.approx(
+        report["metrics"]["asr"])
+    assert recs[0]["trainable_params"] == report["trainable_params"]
+    from kdshield.results import git_hash
+
+    assert recs[0]["git"] == git_hash()
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT / "src" / "kdshield",
+                          capture_output=True, text=True, check=False)
+    if head.returncode == 0:  # a git checkout (this one): the short hash of a commit, -dirty when edited
+        assert isinstance(recs[0]["git"], str)
+        assert re.fullmatch(r"[0-9a-f]{7,40}(-dirty)?", recs[0]["git"]), recs[0]["git"]
+        assert subprocess.run(["git", "cat-file", "-e", recs[0]["git"].removesuffix("-dirty") + "^{commit}"],
+                              cwd=ROOT, capture_output=True, check=False).returncode == 0
+    else:
+        assert recs[0]["git"] is None
 
 
 def test_sigkill_then_resume_matches_uninterrupted(tiny_llama_dir, toy_csv, tmp_path):
@@ -101,26 +119,6 @@ def test_sigkill_then_resume_matches_uninterrupted(tiny_llama_dir, toy_csv, tmp_
     assert ca["dev_asr"] == pytest.approx(cb["dev_asr"]) and ca["dev_ca"] == pytest.approx(cb["dev_ca"])
 
 
-def test_bench_grid_resume_recomputes_nothing(tiny_llama_dir, toy_csv, tmp_path, monkeypatch):
-    import kdshield.bench as bench
-
-    cfg = bench.GridConfig(students=[str(tiny_llama_dir)], datasets=[str(toy_csv)], attacks=["badnet"],
-                           methods=["none", "lora"], n_proxy=None, n_train=None, n_dev=None, n_test=None,
-                           poison_epochs=1, epochs=1, batch_size=8, lora_r=4, work_dir=str(tmp_path / "w"),
-                           out=str(tmp_path / "r.jsonl"))
-    first = bench.run_grid(cfg)
-    assert {(r["method"], r["poisoned_model"]) for r in first} == {("lora", False), ("none", True), ("lora", True)}
-
-    def boom(*a, **k):
-        raise AssertionError("a finished cell was recomputed")
-
-    monkeypatch.setattr(bench, "weight_poison", boom)
-    monkeypatch.setattr(bench._Block, "run_method", lambda *a, **k: boom() if False else None)
-    again = bench.run_grid(cfg)
-    assert again == []
-    assert len((tmp_path / "r.jsonl").read_text().splitlines()) == 3
-
-
 def test_bench_records_the_adapter_a_defense_trained(tiny_llama_dir, tiny_bert_dir, toy_csv, tmp_path):
     import kdshield.bench as bench
 
@@ -133,7 +131,7 @@ def test_bench_records_the_adapter_a_defense_trained(tiny_llama_dir, tiny_bert_d
     recs = {r["method"]: r for r in bench.run_grid(cfg)}
     assert recs["lora"]["config"]["adapter"]["r"] == 4
     assert recs["w2s"]["config"]["adapter"]["r"] == 6 and recs["w2s"]["config"]["adapter"]["lora_alpha"] == 12.0
-    assert "adapter" not in recs["w2s"]["logs"]
+    assert "adapter" not in recs["w2s"]["logs"]  # a typed field (DefenseResult.adapter), not a log
 
 
 def test_errors_are_clear(tmp_path, capsys):

@@ -5,10 +5,14 @@
 
 Per (student, dataset, seed): the never-poisoned student with plain PEFT is the floor
 (``poisoned_model: false``), evaluated on each attack's triggered test set. Per attack: the student
-is weight-poisoned once on the poisoned proxy split (reused from its directory afterwards), then
-each method runs on the clean target train split and is evaluated for CA and ASR. Teachers are
-cached by the defenses themselves. Every finished cell appends one record to ``out``; a killed grid
-rerun skips every cell already recorded and resumes unfinished training from its checkpoint.
+is weight-poisoned once on the poisoned proxy split, then each method runs on the clean target
+train split and is evaluated for CA and ASR. Teachers are cached by the defenses themselves.
+
+Every cell, poisoned model and work directory is keyed by the hash of the settings it ran with
+(see ``GridRunner``). A rerun of the same grid skips every recorded cell and resumes unfinished
+training from its checkpoint; a rerun with a changed setting recomputes exactly the cells that
+setting enters (``--set lr=1e-3`` retrains the PEFT cells and reuses the poisoned models;
+``--set poison_lr=1e-4`` poisons again). Each cell's final adapter is saved in its run directory.
 """
 
 from __future__ import annotations
@@ -21,15 +25,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kdshield.attacks.config import AttackConfig, attack_name, poisoned_proxy
-from kdshield.attacks.weight_poisoning import weight_poison
+from kdshield.attacks.weight_poisoning import poison_settings, weight_poison
 from kdshield.config import cfg_field, check_range, config_to_dict
 from kdshield.data import TaskData, load_task
 from kdshield.defenses import DEFENSES, DefenseContext
+from kdshield.defenses.back_translation import evaluate_eval_sets
 from kdshield.errors import ConfigError
-from kdshield.evaluation import evaluate_model, peak_rss_mb, removal_ratio, reset_peak_rss
+from kdshield.evaluation import evaluate_model, peak_rss_mb, reset_peak_rss
 from kdshield.models.adapters import AdapterConfig
 from kdshield.models.classifier import load_classifier
-from kdshield.results import append_record, make_record, read_records
+from kdshield.results import append_record, build_record, read_records, removal_rows, settings_hash
 from kdshield.training.loop import TrainConfig
 
 log = logging.getLogger(__name__)
@@ -67,6 +72,8 @@ class GridConfig:
     lora_targets: list[str] = cfg_field([], help="Modules LoRA adapts; empty = peft's default (q_proj, v_proj "
                                                  "for Llama).")
     floor: bool = cfg_field(True, help="Also run the never-poisoned student with plain PEFT (the ASR floor).")
+    clean_methods: list[str] = cfg_field([], help="Defenses also run on the never-poisoned student (e.g. [w2s]: "
+                                                  "what a defense costs a clean model; paper Table 8).")
     method_config: dict = cfg_field({}, help="Per-method options: {w2s: {gamma: 0.01}}.")
     tag: str = cfg_field("", help="Free label stored in every record (e.g. a tuning variant).")
     work_dir: str = cfg_field("runs/bench", help="Where poisoned models, adapters and checkpoints go.")
@@ -76,7 +83,7 @@ class GridConfig:
         for name in ("students", "datasets", "attacks", "methods", "seeds"):
             if not getattr(self, name):
                 raise ConfigError(f"{name} is empty: the grid needs at least one")
-        unknown = [m for m in self.methods if m != "none" and m not in DEFENSES]
+        unknown = [m for m in [*self.methods, *self.clean_methods] if m != "none" and m not in DEFENSES]
         if unknown:
             raise ConfigError(f"unknown methods {unknown}; available: none, {', '.join(DEFENSES.names())}")
         check_range("epochs", self.epochs, 1, 1000)
@@ -88,17 +95,28 @@ def _split_dataset(spec: str) -> tuple[str, str | None]:
     return name, proxy or None
 
 
-def cell_key(rec: dict) -> tuple:
-    return tuple(str(rec.get(k)) for k in ("dataset", "proxy", "student", "attack", "method", "adapter", "seed",
-                                          "poisoned_model", "clean_label", "tag"))
+def _settings(cfg) -> dict:
+    """A config's fields as they enter a key (checkpoint spacing does not change a result)."""
+    d = config_to_dict(cfg)
+    d.pop("checkpoint_every", None)
+    return d
 
 
 class GridRunner:
+    """Runs the grid cell by cell. Every cell is keyed by the hash of the settings it runs with
+    (``settings_hash`` in its record): the data it reads (digests of its splits), the student, the
+    shared PEFT settings, the attack and its poisoning, the method and its options, the tag. A
+    rerun skips exactly the cells whose hash is already in ``out`` and recomputes the others; their
+    work directories are keyed the same way, so nothing made under other settings is reused."""
+
     def __init__(self, cfg: GridConfig):
         self.cfg = cfg
         self.out = Path(cfg.out)
-        self.done = {cell_key(r) for r in read_records(self.out)} if self.out.is_file() else set()
+        self.done = {r["settings_hash"] for r in read_records(self.out) if r.get("settings_hash")} \
+            if self.out.is_file() else set()
         self.records: list[dict] = []
+        self.started = time.perf_counter()
+        self.cells_total = self.cells_run = 0
 
     def run(self) -> list[dict]:
         for student in self.cfg.students:
@@ -115,56 +133,56 @@ class GridRunner:
         task = load_task(name, proxy=proxy, data_dir=cfg.data_dir, seed=seed, n_proxy=cfg.n_proxy,
                          n_train=cfg.n_train, n_dev=cfg.n_dev, n_test=cfg.n_test, max_chars=cfg.max_chars)
         proxy_name = task.proxy or name
-        work = Path(cfg.work_dir) / f"{Path(student).name}-{name}-{proxy_name}-s{seed}"
         adapter = AdapterConfig(kind=cfg.adapter, r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
                                 target_modules=list(cfg.lora_targets))
         peft_train = TrainConfig(epochs=cfg.epochs, lr=cfg.lr, batch_size=cfg.batch_size,
                                  max_length=cfg.max_length, seed=seed)
+        block = {"student": student, "data": task.fingerprint(), "seed": seed, "train": _settings(peft_train),
+                 "adapter": config_to_dict(adapter)}
+        block_hash = settings_hash(block)
+        # the folder is keyed by the data alone: poisoned models in it do not depend on PEFT settings,
+        # and every run inside has its own settings-keyed folder
+        data_hash = settings_hash({k: block[k] for k in ("student", "data", "seed")})
+        work = Path(cfg.work_dir) / f"{Path(student).name}-{name}-{proxy_name}-s{seed}-{data_hash[:8]}"
         common = dict(dataset=name, proxy=proxy_name, student=student, adapter=cfg.adapter, seed=seed,
-                      tag=cfg.tag, n_train=len(task.split("train")), n_test=len(task.split("test")))
-        return _Block(self, task, work, adapter, peft_train, common)
+                      tag=cfg.tag, n_train=len(task.split("train")), n_test=len(task.split("test")),
+                      block_hash=block_hash)
+        return _Block(self, task, work, adapter, peft_train, common, block)
 
     def _run_block(self, student: str, spec: str, seed: int) -> None:
         cfg = self.cfg
         block = self.make_block(student, spec, seed)
-        task, work, common = block.task, block.work, block.common
-        if cfg.floor:
-            for att in cfg.attacks:
-                attack = AttackConfig(attack=att, clean_label=cfg.clean_label, asr_target=cfg.asr_target)
-                fields = dict(attack=attack_name(attack, task, cfg.data_dir), clean_label=attack.clean_label,
-                              target_label=attack.target_label, poisoned_model=False)
-                block.run_method("lora", student, attack, fields, work / f"floor-{cfg.adapter}")
         poison_train = TrainConfig(epochs=cfg.poison_epochs, lr=cfg.poison_lr, batch_size=cfg.batch_size,
                                    max_length=cfg.max_length, seed=seed, warmup_ratio=0.0, schedule="constant",
                                    select_best=False)
         for att in cfg.attacks:
             attack = AttackConfig(attack=att, clean_label=cfg.clean_label, asr_target=cfg.asr_target)
-            aname = attack_name(attack, task, cfg.data_dir)
-            fields = dict(attack=aname, clean_label=attack.clean_label, target_label=attack.target_label,
-                          poisoned_model=True)
-            todo = [m for m in cfg.methods if self._key({**common, **fields, "method": m}) not in self.done]
+            for method in (["lora"] if cfg.floor else []) + [m for m in cfg.clean_methods if m != "lora"]:
+                block.run_cell(method, student, attack, None)
+            settings = poison_settings(student, block.task, attack, poison_train, data_dir=cfg.data_dir)
+            cells = [(m, block.cell_hash(m, attack, settings)) for m in cfg.methods]
+            self.cells_total += len(cells)
+            todo = [m for m, h in cells if h not in self.done]
             if not todo:
-                log.info("all cells of %s / %s done", spec, aname)
+                log.info("all cells of %s / %s done with these settings", spec, settings["attack"])
                 continue
-            pdir = work / f"poisoned-{aname}-{'clean' if attack.clean_label else 'dirty'}"
+            poison_hash = settings_hash(settings)
+            pdir = block.work / f"poisoned-{settings['attack']}-{'clean' if attack.clean_label else 'dirty'}-" \
+                                f"{poison_hash[:8]}"
             reset_peak_rss()  # the `none` record's peak is the poisoning's (or the reload's)
-            poisoned = weight_poison(student, task, attack, poison_train, pdir, resume=True,
+            poisoned = weight_poison(student, block.task, attack, poison_train, pdir, resume=True,
                                      data_dir=cfg.data_dir)
             for method in todo:
                 if method == "none":
-                    block.record_poisoned(poisoned, attack, fields)
+                    block.record_poisoned(poisoned, attack, settings)
                 else:
-                    run_dir = pdir / (method + (f"-{cfg.tag}" if cfg.tag else ""))
-                    block.run_method(method, str(poisoned.path), attack, fields, run_dir,
-                                     victim_dir=pdir / ("lora" + (f"-{cfg.tag}" if cfg.tag else "")) / "train")
-
-    def _key(self, rec: dict) -> tuple:
-        return cell_key(rec)
+                    block.run_cell(method, str(poisoned.path), attack, settings, pdir)
 
     def emit(self, rec: dict) -> None:
         append_record(self.out, rec)
-        self.done.add(cell_key(rec))
+        self.done.add(rec["settings_hash"])
         self.records.append(rec)
+        self.cells_run += 1
         log.info("cell %s", json.dumps({k: rec.get(k) for k in ("dataset", "attack", "method", "poisoned_model",
                                                                 "ca", "asr", "wall_s")}))
 
@@ -177,14 +195,42 @@ class _Block:
     adapter: AdapterConfig
     peft_train: TrainConfig
     common: dict
+    settings: dict  # what every cell of the block shares (data digests, student, PEFT settings)
 
-    def run_method(self, method: str, model_ref: str, attack: AttackConfig, fields: dict, run_dir: Path,
-                   victim_dir: Path | None = None) -> None:
+    def cell_hash(self, method: str, attack: AttackConfig, poison: dict | None) -> str:
+        """Hash of everything a cell runs with; ``poison`` None = the never-poisoned student."""
         cfg = self.runner.cfg
-        if cell_key({**self.common, **fields, "method": method}) in self.runner.done:
+        mcfg = None
+        if method != "none":
+            mcfg = config_to_dict(DEFENSES.get(method).config_class(**cfg.method_config.get(method, {})))
+        attack_settings = {**config_to_dict(attack), "name": attack_name(attack, self.task, cfg.data_dir)}
+        block = self.settings
+        if method == "none":  # the poisoned model as it is: the shared PEFT settings do not enter
+            block = {k: v for k, v in block.items() if k not in ("train", "adapter")}
+        return settings_hash({"block": block, "attack": attack_settings, "poison": poison,
+                              "method": method, "method_config": mcfg, "tag": cfg.tag})
+
+    def _fields(self, attack: AttackConfig, poison: dict | None) -> dict:
+        return dict(attack=attack_name(attack, self.task, self.runner.cfg.data_dir), clean_label=attack.clean_label,
+                    target_label=attack.target_label, poisoned_model=poison is not None,
+                    poison_hash=settings_hash(poison) if poison is not None else None)
+
+    def run_cell(self, method: str, model_ref: str, attack: AttackConfig, poison: dict | None,
+                 pdir: Path | None = None) -> None:
+        """One defense (or the floor: ``lora`` with ``poison`` None) on ``model_ref``, recorded."""
+        cfg = self.runner.cfg
+        key = self.cell_hash(method, attack, poison)
+        if poison is None:
+            self.runner.cells_total += 1
+        if key in self.runner.done:
             return
         defense = DEFENSES.get(method)
         mcfg = defense.config_class(**cfg.method_config.get(method, {}))
+        root = pdir if pdir is not None else self.work / f"floor-{self.adapter.kind}"
+        run_dir = root / f"{method}-{key[:8]}"
+        victim_dir = None
+        if pdir is not None:  # plain PEFT of this poisoned model, shared by every baseline that starts from it
+            victim_dir = pdir / f"lora-{self.cell_hash('lora', attack, poison)[:8]}" / "train"
         ctx = DefenseContext(student=model_ref, task=self.task, output_dir=run_dir, train=self.peft_train,
                              adapter=self.adapter, data_dir=cfg.data_dir, resume=True, attack=attack,
                              victim_dir=victim_dir,
@@ -198,46 +244,37 @@ class _Block:
         else:
             metrics = evaluate_model(res.model, self.task, attack, data_dir=cfg.data_dir, max_length=cfg.max_length,
                                      input_transform=res.input_transform)
-            for which, ds in (res.logs.get("eval_sets") or {}).items():
-                metrics.update(_eval_replacement(res.model, ds, which, attack, cfg.max_length))
-        det = res.detection or {}
-        # a defense with its own adapter settings (w2s.lora_r) reports the adapter it trained
-        adapter_used = res.logs.get("adapter") or config_to_dict(self.adapter)
-        rec = make_record("bench", method, **fields, ca=metrics["ca"], asr=metrics.get("asr"), far=det.get("far"),
-                          frr=det.get("frr"), curve=det.get("curve"), wall_s=round(res.wall_s, 1),
-                          eval_s=round(time.perf_counter() - t0 - res.wall_s, 1), peak_rss_mb=round(peak_rss_mb()),
-                          trainable_params=res.trainable_params, unavailable=res.unavailable,
-                          config={"method": config_to_dict(mcfg), "train": config_to_dict(self.peft_train),
-                                  "adapter": adapter_used},
-                          logs=_small({k: v for k, v in res.logs.items() if k not in ("eval_sets", "adapter")}), **self.common)
+            if res.eval_sets:
+                metrics.update(evaluate_eval_sets(res.model, res.eval_sets, attack.target_label,
+                                                  max_length=cfg.max_length))
+            res.model.save(run_dir / "adapter")  # reusable and evaluable later (kdshield evaluate --model)
+        rec = build_record("bench", method, metrics=metrics, detection=res.detection,
+                           **self._fields(attack, poison), **self.common,
+                           curve=(res.detection or {}).get("curve"), wall_s=round(res.wall_s, 1),
+                           eval_s=round(time.perf_counter() - t0 - res.wall_s, 1),
+                           peak_rss_mb=round(peak_rss_mb()), trainable_params=res.trainable_params,
+                           unavailable=res.unavailable, settings_hash=key, run_dir=str(run_dir),
+                           config={"method": config_to_dict(mcfg), **res.settings(ctx),
+                                   "attack": config_to_dict(attack), "poison": poison},
+                           logs=_small(res.logs))
         self.runner.emit(rec)
 
-    def record_poisoned(self, poisoned, attack: AttackConfig, fields: dict) -> None:
+    def record_poisoned(self, poisoned, attack: AttackConfig, poison: dict) -> None:
         cfg = self.runner.cfg
         card = poisoned.card
         t0 = time.perf_counter()
         clf = poisoned.model or load_classifier(poisoned.path)
         metrics = evaluate_model(clf, self.task, attack, data_dir=cfg.data_dir, max_length=cfg.max_length)
-        rec = make_record("bench", "none", **fields, ca=metrics["ca"], asr=metrics["asr"],
-                          wall_s=round(card["wall_s"], 1), eval_s=round(time.perf_counter() - t0, 1),
-                          peak_rss_mb=round(peak_rss_mb()), trainable_params=0,
-                          config={"poison": card["attack_config"], "train": card["train_config"]},
-                          poison_card={k: card.get(k) for k in ("poisoned_samples", "proxy_samples", "dev_ca",
-                                                                "dev_asr", "epochs_run", "trigger", "dev_target_share",
-                                                                "dev_label_share", "shortcut_suspected")},
-                          **self.common)
+        rec = build_record("bench", "none", metrics=metrics, **self._fields(attack, poison), **self.common,
+                           wall_s=round(card["wall_s"], 1), eval_s=round(time.perf_counter() - t0, 1),
+                           peak_rss_mb=round(peak_rss_mb()), trainable_params=0,
+                           settings_hash=self.cell_hash("none", attack, poison), run_dir=str(poisoned.path),
+                           config={"poison": poison},
+                           poison_card={k: card.get(k) for k in ("poisoned_samples", "proxy_samples", "dev_ca",
+                                                                 "dev_asr", "epochs_run", "trigger",
+                                                                 "dev_target_share", "dev_label_share",
+                                                                 "shortcut_suspected")})
         self.runner.emit(rec)
-
-
-def _eval_replacement(model, ds, which: str, attack: AttackConfig, max_length: int) -> dict:
-    """Metrics on a precomputed replacement set (e.g. back-translated test files)."""
-    from kdshield.evaluation import accuracy, attack_success_rate
-    from kdshield.inference import predict
-
-    probs = predict(model, list(ds["text"]), max_length=max_length).probs
-    if which == "ca":
-        return {"ca": accuracy(probs, ds["label"])}
-    return {"asr": attack_success_rate(probs, ds["label"], attack.target_label)}
 
 
 def _small(logs: dict) -> dict:
@@ -246,27 +283,9 @@ def _small(logs: dict) -> dict:
 
 
 def summary_rows(records: list[dict]) -> list[dict]:
-    """Rows of (dataset, attack, method) with CA, ASR and the removal ratio against the floor."""
-    # The floor is plain PEFT on the never-poisoned student (other methods run on it, e.g. the clean-model
-    # W2SDefense rows, are results, not the floor).
-    floors = {(r["dataset"], r["student"], r["attack"], r["seed"]): r["asr"] for r in records
-              if r.get("poisoned_model") is False and r.get("method") == "lora"
-              and r.get("asr") is not None}
-    # The poisoned reference is the same attack's model with the same poisoning (clean- or dirty-label).
-    poisoned = {(r["dataset"], r["student"], r["attack"], r["seed"], r.get("clean_label")): r["asr"]
-                for r in records if r.get("method") == "none" and r.get("poisoned_model")}
-    rows = []
-    for r in records:
-        key = (r.get("dataset"), r.get("student"), r.get("attack"), r.get("seed"))
-        pkey = (*key, r.get("clean_label"))
-        ratio = None
-        if r.get("poisoned_model") and r.get("asr") is not None and key in floors and pkey in poisoned:
-            ratio = removal_ratio(poisoned[pkey], r["asr"], floors[key])
-        rows.append({"dataset": r.get("dataset"), "attack": r.get("attack"),
-                     "method": r.get("method") + ("" if r.get("poisoned_model") else " (never poisoned)"),
-                     "ca": r.get("ca"), "asr": r.get("asr"), "removal": ratio, "wall_s": r.get("wall_s"),
-                     "unavailable": r.get("unavailable")})
-    return rows
+    """Rows of (dataset, attack, method) with CA, ASR and the removal ratio against the floor and the
+    poisoned model of the same settings (``results.removal_rows``: the one summary)."""
+    return removal_rows(records)
 
 
 def format_table(rows: list[dict]) -> str:
@@ -279,7 +298,8 @@ def format_table(rows: list[dict]) -> str:
     for r in rows:
         removal = "-" if r["removal"] is None else f"{r['removal']:.2f}"
         asr = r["unavailable"] if r.get("unavailable") else f(r["asr"])
-        lines.append(f"| {r['dataset']} | {r['attack']} | {r['method']} | {f(r['ca'])} | {asr} | {removal} | "
+        method = r["method"] + (f" [{r['tag']}]" if r.get("tag") else "")
+        lines.append(f"| {r['dataset']} | {r['attack']} | {method} | {f(r['ca'])} | {asr} | {removal} | "
                      f"{f(r['wall_s'], pct=False)} |")
     return "\n".join(lines)
 

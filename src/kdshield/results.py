@@ -157,6 +157,28 @@ def _repair_tail(path: Path) -> None:
                 "appended after the last whole record", path, len(broken), quarantine)
 
 
+def build_record(run: str, method: str, *, task=None, attack_config=None, data_dir=None, metrics: dict | None = None,
+                 detection: dict | None = None, **fields: Any) -> dict:
+    """The one way records are built (commands, the grid, benchmark scripts): dataset, proxy and
+    attack fields come from ``task`` and ``attack_config`` (the attack's record name, e.g.
+    ``syntactic-rule``), metrics from ``metrics`` / ``detection``, and ``config`` (the settings that
+    ran) gives ``settings_hash``. Everything else goes through ``fields`` (see ``KEYS``)."""
+    out: dict[str, Any] = {}
+    if task is not None:
+        out.update(dataset=task.name, proxy=task.proxy or task.name)
+    if attack_config is not None:
+        from kdshield.attacks.config import attack_name
+
+        out.update(attack=attack_name(attack_config, task, data_dir), clean_label=attack_config.clean_label,
+                   target_label=attack_config.target_label)
+    metrics = metrics or {}
+    out.update(ca=metrics.get("ca"), asr=metrics.get("asr"))
+    det = detection or {}
+    out.update(far=det.get("far"), frr=det.get("frr"))
+    out.update(fields)
+    return make_record(run, method, **out)
+
+
 def append_record(path: str | Path, record: dict) -> None:
     """Append one line; earlier whole lines are never rewritten (a crash loses at most this record).
     A truncated last line is moved aside first (``_repair_tail``)."""
@@ -223,8 +245,11 @@ def is_poisoned_reference(r: dict) -> bool:
     return r.get("method") == "none" and bool(r.get("poisoned_model"))
 
 
-def _legacy_key(r: dict) -> tuple:
-    return tuple(str(r.get(k)) for k in ("dataset", "proxy", "student", "attack", "clean_label", "seed"))
+def _legacy_key(r: dict, *, poisoning: bool = True) -> tuple:
+    """The older records' reference key; the floor's leaves out clean_label (it was never poisoned)."""
+    keys = ("dataset", "proxy", "student", "attack", "clean_label", "seed") if poisoning else \
+        ("dataset", "proxy", "student", "attack", "seed")
+    return tuple(str(r.get(k)) for k in keys)
 
 
 class References:
@@ -234,7 +259,8 @@ class References:
     ``block_hash`` (data, student, seed and shared PEFT settings): a defense is compared with the
     poisoned model of the same poisoning and the floor of the same block, never with a run made
     under other settings. Older records without hashes fall back to (dataset, proxy, student,
-    attack, clean_label, seed), preferring the same tag, then untagged, then any."""
+    attack, seed) and, for the poisoned model, clean_label; preferring the same tag, then untagged,
+    then any."""
 
     def __init__(self, records):
         self.poisoned_by_hash: dict[str, float] = {}
@@ -252,7 +278,7 @@ class References:
             elif is_floor(r):
                 if r.get("block_hash"):
                     self.floor_by_hash[(r["block_hash"], str(r.get("attack")))] = r["asr"]
-                self.floor_legacy.setdefault(_legacy_key(r), {})[tag] = r["asr"]
+                self.floor_legacy.setdefault(_legacy_key(r, poisoning=False), {})[tag] = r["asr"]
 
     @staticmethod
     def _pick(by_tag: dict[str, float] | None, tag: str) -> float | None:
@@ -271,7 +297,7 @@ class References:
     def floor(self, r: dict) -> float | None:
         if r.get("block_hash"):
             return self.floor_by_hash.get((r["block_hash"], str(r.get("attack"))))
-        return self._pick(self.floor_legacy.get(_legacy_key(r)), r.get("tag") or "")
+        return self._pick(self.floor_legacy.get(_legacy_key(r, poisoning=False)), r.get("tag") or "")
 
     def removal(self, r: dict) -> tuple[float | None, list[str]]:
         """The record's removal ratio (None for references and where a reference is missing) and

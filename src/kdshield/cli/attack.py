@@ -21,13 +21,16 @@ from kdshield.cli.common import (
     build_attack,
     build_task,
     build_train,
+    check_output_dir,
     load_options,
     print_metrics,
     results_path,
 )
-from kdshield.config import add_config_arguments
+from kdshield.config import add_config_arguments, config_to_dict
 from kdshield.evaluation import evaluate_model, peak_rss_mb
-from kdshield.results import append_record, make_record
+from kdshield.models.classifier import load_classifier
+from kdshield.results import append_record, build_record
+from kdshield.runs import RunDir
 from kdshield.training.loop import TrainConfig
 
 POISON_TRAIN_DEFAULTS = {"epochs": 3, "lr": 3e-5, "warmup_ratio": 0.0, "schedule": "constant",
@@ -50,26 +53,29 @@ def run(args: argparse.Namespace) -> int:
     task, data_cfg = build_task(args)
     attack = build_attack(args, required=True)
     train_cfg = build_train(args, **POISON_TRAIN_DEFAULTS)
+    options = load_options(args)
+    results = results_path(args)
+    check_output_dir(results.parent, "--results")
+    run_dir = RunDir(args.out, "attack", {
+        "student": args.student, "data": task.fingerprint(), "attack": config_to_dict(attack),
+        "train": config_to_dict(train_cfg), "load": config_to_dict(options)},
+        resume=args.resume, fresh=args.fresh).open()
     poisoned = weight_poison(args.student, task, attack, train_cfg, args.out, resume=args.resume,
-                             data_dir=data_cfg.data_dir, options=load_options(args))
+                             data_dir=data_cfg.data_dir, options=options)
     card = poisoned.card
-    metrics = evaluate_model(poisoned.model or _load(poisoned.path), task, attack, data_dir=data_cfg.data_dir,
-                             max_length=train_cfg.max_length)
+    metrics = evaluate_model(poisoned.model or load_classifier(poisoned.path, options=options), task, attack,
+                             data_dir=data_cfg.data_dir, max_length=train_cfg.max_length)
     print(f"poisoned model: {poisoned.path}")
     print(f"{card['poisoned_samples']} of {card['proxy_samples']} proxy samples poisoned with {card['attack']}; "
           f"epochs run: {card['epochs_run']}")
     print_metrics("test", metrics)
-    rec = make_record("attack", "none", dataset=task.name, proxy=task.proxy or task.name, student=args.student,
-                      attack=card["attack"], clean_label=attack.clean_label, target_label=attack.target_label,
-                      adapter="full", poisoned_model=True, seed=train_cfg.seed, ca=metrics["ca"],
-                      asr=metrics["asr"], wall_s=round(card["wall_s"], 1), peak_rss_mb=round(peak_rss_mb()),
-                      trainable_params=card["train"]["trainable_params"], model_path=str(poisoned.path),
-                      config={"attack": card["attack_config"], "train": card["train_config"]})
-    append_record(results_path(args), rec)
+    rec = build_record("attack", "none", task=task, attack_config=attack, data_dir=data_cfg.data_dir, metrics=metrics,
+                       student=args.student, adapter="full", poisoned_model=True, seed=train_cfg.seed,
+                       wall_s=round(card["wall_s"], 1), peak_rss_mb=round(peak_rss_mb()),
+                       trainable_params=card["train"]["trainable_params"], model_path=str(poisoned.path),
+                       reused=run_dir.reused,
+                       config={"attack": card["attack_config"], "train": card["train_config"]},
+                       poison_hash=card["settings_hash"])
+    append_record(results, rec)
+    run_dir.finish(wall_s=card["wall_s"])
     return 0
-
-
-def _load(path):
-    from kdshield.models.classifier import load_classifier
-
-    return load_classifier(path)

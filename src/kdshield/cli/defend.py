@@ -15,7 +15,7 @@ import argparse
 import json
 from pathlib import Path
 
-from kdshield.attacks.config import AttackConfig, attack_name, poisoned_proxy
+from kdshield.attacks.config import AttackConfig, poisoned_proxy
 from kdshield.cli.common import (
     add_data_args,
     add_model_safety_args,
@@ -24,6 +24,7 @@ from kdshield.cli.common import (
     build_attack,
     build_task,
     build_train,
+    check_output_dir,
     load_options,
     print_metrics,
     results_path,
@@ -34,7 +35,8 @@ from kdshield.defenses import DEFENSES, DefenseContext
 from kdshield.errors import ConfigError
 from kdshield.evaluation import evaluate_model
 from kdshield.models.adapters import AdapterConfig
-from kdshield.results import append_record, make_record
+from kdshield.results import append_record, build_record
+from kdshield.runs import RunDir
 from kdshield.training.loop import TrainConfig
 
 
@@ -83,9 +85,19 @@ def run(args: argparse.Namespace) -> int:
         if attack is None:
             raise ConfigError("--suspect-data poisoned-proxy needs --attack")
         suspect = poisoned_proxy(task, attack, seed=data_cfg.seed, data_dir=data_cfg.data_dir)
+    options = load_options(args)
+    results = results_path(args)
+    check_output_dir(results.parent, "--results")
+    # the attack is part of the run: W2SDefense logs its dev ASR, detectors score with it
+    run_dir = RunDir(args.out, "defend", {
+        "method": args.method, "student": str(args.student), "data": task.fingerprint(),
+        "method_config": config_to_dict(mcfg), "train": config_to_dict(train_cfg),
+        "adapter": config_to_dict(adapter), "attack": config_to_dict(attack) if attack else None,
+        "suspect_data": args.suspect_data, "lm": args.lm, "load": config_to_dict(options)},
+        resume=args.resume, fresh=args.fresh).open()
     ctx = DefenseContext(student=args.student, task=task, output_dir=Path(args.out), train=train_cfg,
                          adapter=adapter, suspect_data=suspect, data_dir=data_cfg.data_dir, resume=args.resume,
-                         options=load_options(args), lm=args.lm, attack=attack)
+                         options=options, lm=args.lm, attack=attack)
     res = defense().run(ctx, mcfg)
     out = Path(args.out)
     if res.unavailable:
@@ -98,26 +110,26 @@ def run(args: argparse.Namespace) -> int:
     if attack is not None or res.input_transform is None:
         metrics = evaluate_model(res.model, task, attack, data_dir=data_cfg.data_dir, max_length=train_cfg.max_length,
                                  input_transform=res.input_transform)
-    if res.logs.get("eval_sets") and attack is not None:
+    if res.eval_sets and attack is not None:
         from kdshield.defenses.back_translation import evaluate_eval_sets
 
-        metrics.update(evaluate_eval_sets(res.model, res.logs.pop("eval_sets"), attack.target_label))
+        metrics.update(evaluate_eval_sets(res.model, res.eval_sets, attack.target_label))
+    wall = run_dir.prior_wall_s if run_dir.reused else res.wall_s
+    ran = res.settings(ctx)  # what trained, e.g. W2SDefense's own epochs and rank
+    config = {"method": config_to_dict(mcfg), **ran, "attack": config_to_dict(attack) if attack else None}
     report = {"method": args.method, "student": args.student, "dataset": task.name, "metrics": metrics,
-              "detection": res.detection, "wall_s": res.wall_s, "peak_rss_mb": res.peak_rss_mb,
-              "trainable_params": res.trainable_params, "config": {
-                  "method": config_to_dict(mcfg), "train": config_to_dict(train_cfg),
-                  "adapter": config_to_dict(adapter), "attack": config_to_dict(attack) if attack else None},
-              "logs": res.logs}
+              "detection": res.detection, "wall_s": wall, "peak_rss_mb": res.peak_rss_mb,
+              "trainable_params": res.trainable_params, "config": config, "logs": res.logs}
     (out / "report.json").write_text(json.dumps(report, indent=2, default=str))
     print(f"{args.method}: adapter in {out / 'adapter'} ({res.trainable_params:,} trainable parameters, "
-          f"{res.wall_s:.0f} s, peak RSS {res.peak_rss_mb:.0f} MB)")
+          f"{wall:.0f} s, peak RSS {res.peak_rss_mb:.0f} MB)")
     if metrics:
         print_metrics("test", metrics)
-    append_record(results_path(args), make_record(
-        "defend", args.method, dataset=task.name, proxy=task.proxy, student=args.student,
-        teacher=getattr(mcfg, "teacher", None), attack=attack_name(attack, task, data_cfg.data_dir) if attack else None,
-        clean_label=attack.clean_label if attack else None, target_label=attack.target_label if attack else None,
-        adapter=adapter.kind, seed=train_cfg.seed, ca=metrics.get("ca"), asr=metrics.get("asr"),
-        far=(res.detection or {}).get("far"), frr=(res.detection or {}).get("frr"), wall_s=round(res.wall_s, 1),
-        peak_rss_mb=round(res.peak_rss_mb), trainable_params=res.trainable_params, config=report["config"]))
+    append_record(results, build_record(
+        "defend", args.method, task=task, attack_config=attack, data_dir=data_cfg.data_dir, metrics=metrics,
+        detection=res.detection, student=args.student, teacher=getattr(mcfg, "teacher", None),
+        adapter=(res.adapter or {}).get("kind", adapter.kind), seed=train_cfg.seed, wall_s=round(wall, 1),
+        peak_rss_mb=round(res.peak_rss_mb), trainable_params=res.trainable_params, reused=run_dir.reused,
+        config=config))
+    run_dir.finish(wall_s=wall)
     return 0

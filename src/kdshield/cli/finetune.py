@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import argparse
 
-from kdshield.attacks.config import AttackConfig, attack_name
+from kdshield.attacks.config import AttackConfig
 from kdshield.cli.common import (
     add_data_args,
     add_model_safety_args,
@@ -19,14 +19,17 @@ from kdshield.cli.common import (
     build_attack,
     build_task,
     build_train,
+    check_output_dir,
     load_options,
     print_metrics,
     results_path,
 )
 from kdshield.config import add_config_arguments, config_to_dict
+from kdshield.defenses.base import Timer
 from kdshield.evaluation import evaluate_model, peak_rss_mb
 from kdshield.models.adapters import AdapterConfig
-from kdshield.results import append_record, make_record
+from kdshield.results import append_record, build_record
+from kdshield.runs import RunDir
 from kdshield.training.loop import TrainConfig
 from kdshield.training.peft import peft_finetune
 
@@ -49,20 +52,29 @@ def run(args: argparse.Namespace) -> int:
     task, data_cfg = build_task(args)
     adapter, train_cfg = build_adapter(args), build_train(args)
     attack = build_attack(args)
-    clf, res = peft_finetune(args.model, task, adapter, train_cfg, f"{args.out}/train", resume=args.resume,
-                             options=load_options(args), desc=adapter.kind)
+    options = load_options(args)
+    results = results_path(args)
+    check_output_dir(results.parent, "--results")
+    # --attack only chooses the evaluation (recomputed every time), so it is not part of the run
+    run_dir = RunDir(args.out, "finetune", {
+        "model": str(args.model), "data": task.fingerprint(), "train": config_to_dict(train_cfg),
+        "adapter": config_to_dict(adapter), "load": config_to_dict(options)},
+        resume=args.resume, fresh=args.fresh).open()
+    with Timer() as timer:
+        clf, res = peft_finetune(args.model, task, adapter, train_cfg, f"{args.out}/train", resume=args.resume,
+                                 options=options, desc=adapter.kind)
     clf.save(f"{args.out}/adapter")
     if args.merge:
         clf.save(f"{args.out}/merged", merge=True)
     metrics = evaluate_model(clf, task, attack, data_dir=data_cfg.data_dir, max_length=train_cfg.max_length)
-    print(f"adapter: {args.out}/adapter ({res.trainable_params:,} trainable parameters, {res.wall_s:.0f} s)")
+    wall = run_dir.prior_wall_s if run_dir.reused else timer.s + res.prior_wall_s
+    print(f"adapter: {args.out}/adapter ({res.trainable_params:,} trainable parameters, {wall:.0f} s)")
     print_metrics("test", metrics)
-    rec = make_record("finetune", adapter.kind, dataset=task.name, proxy=task.proxy, student=str(args.model),
-                      attack=attack_name(attack, task, data_cfg.data_dir) if attack else None,
-                      clean_label=attack.clean_label if attack else None,
-                      target_label=attack.target_label if attack else None, adapter=adapter.kind,
-                      seed=train_cfg.seed, ca=metrics["ca"], asr=metrics.get("asr"), wall_s=round(res.wall_s, 1),
-                      peak_rss_mb=round(peak_rss_mb()), trainable_params=res.trainable_params,
-                      config={"train": config_to_dict(train_cfg), "adapter": config_to_dict(adapter)})
-    append_record(results_path(args), rec)
+    rec = build_record("finetune", adapter.kind, task=task, attack_config=attack, data_dir=data_cfg.data_dir,
+                       metrics=metrics, student=str(args.model), adapter=adapter.kind, seed=train_cfg.seed,
+                       wall_s=round(wall, 1), peak_rss_mb=round(peak_rss_mb()),
+                       trainable_params=res.trainable_params, reused=run_dir.reused,
+                       config={"train": res.config, "adapter": config_to_dict(adapter)})
+    append_record(results, rec)
+    run_dir.finish(wall_s=wall)
     return 0

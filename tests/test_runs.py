@@ -1,0 +1,309 @@
+"""Runs that never lie: settings-keyed reuse in the grid and the commands, truthful records, safe
+appends, wall time across restarts, and what a finished run keeps on disk."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import logging
+from pathlib import Path
+
+import pytest
+
+from kdshield.cli import main
+from kdshield.errors import RunStateError
+from tests.conftest import make_sentiment_texts
+
+
+@pytest.fixture
+def toy_csv(tmp_path) -> Path:
+    texts, labels = make_sentiment_texts(160, seed=5)
+    path = tmp_path / "toy.csv"
+    with path.open("w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["text", "label"])
+        for t, y in zip(texts, labels):
+            w.writerow([t, ["negative", "positive"][y]])
+    return path
+
+
+def _records(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def _tree_digest(root: Path) -> dict[str, str]:
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+# --- the grid ---------------------------------------------------------------------------------
+
+def _grid(tiny_llama_dir, toy_csv, tmp_path, **changes):
+    import kdshield.bench as bench
+
+    base = dict(students=[str(tiny_llama_dir)], datasets=[str(toy_csv)], attacks=["badnet"],
+                methods=["none", "lora"], n_proxy=None, n_train=None, n_dev=None, n_test=None,
+                poison_epochs=1, epochs=1, batch_size=16, lora_r=4, work_dir=str(tmp_path / "w"),
+                out=str(tmp_path / "r.jsonl"))
+    return bench.GridConfig(**{**base, **changes})
+
+
+def _cells(recs):
+    return sorted((r["method"], r["poisoned_model"]) for r in recs)
+
+
+def test_grid_rerun_recomputes_exactly_the_cells_a_changed_setting_enters(tiny_llama_dir, toy_csv, tmp_path,
+                                                                           monkeypatch):
+    import kdshield.attacks.weight_poisoning as wp
+    import kdshield.bench as bench
+    from kdshield.defenses.lora import PlainPEFT
+
+    first = bench.run_grid(_grid(tiny_llama_dir, toy_csv, tmp_path))
+    assert _cells(first) == [("lora", False), ("lora", True), ("none", True)]
+    assert len({r["settings_hash"] for r in first}) == 3
+
+    # the same grid again: nothing runs, nothing is appended
+    calls = {"poison": 0, "peft": 0}
+    real_train, real_run = wp.train, PlainPEFT.run
+
+    def count_poison(*a, **k):
+        calls["poison"] += 1
+        return real_train(*a, **k)
+
+    def count_peft(self, *a, **k):
+        calls["peft"] += 1
+        return real_run(self, *a, **k)
+
+    monkeypatch.setattr(wp, "train", count_poison)
+    monkeypatch.setattr(PlainPEFT, "run", count_peft)
+    assert bench.run_grid(_grid(tiny_llama_dir, toy_csv, tmp_path)) == []
+    assert calls == {"poison": 0, "peft": 0} and len(_records(tmp_path / "r.jsonl")) == 3
+
+    # another PEFT learning rate: the two LoRA cells run again, the poisoned model is reused
+    second = bench.run_grid(_grid(tiny_llama_dir, toy_csv, tmp_path, lr=1e-3))
+    assert _cells(second) == [("lora", False), ("lora", True)]
+    assert calls == {"poison": 0, "peft": 2}
+    assert all(r["config"]["train"]["lr"] == 1e-3 for r in second)
+    assert {r["settings_hash"] for r in second}.isdisjoint({r["settings_hash"] for r in first})
+
+    # another poisoning learning rate: poisoned again, and the poisoned model's cells rerun; the floor stays
+    third = bench.run_grid(_grid(tiny_llama_dir, toy_csv, tmp_path, poison_lr=1e-4))
+    assert _cells(third) == [("lora", True), ("none", True)]
+    assert calls["poison"] == 1
+    none_old = next(r for r in first if r["method"] == "none")
+    none_new = next(r for r in third if r["method"] == "none")
+    assert none_new["config"]["poison"]["train"]["lr"] == 1e-4 and none_new["poison_hash"] != none_old["poison_hash"]
+
+    # fewer training rows: every cell reads other data, so every cell runs again
+    fourth = bench.run_grid(_grid(tiny_llama_dir, toy_csv, tmp_path, n_train=48))
+    assert _cells(fourth) == _cells(first) and all(r["n_train"] == 48 for r in fourth)
+
+
+def test_grid_summary_pairs_each_run_with_the_references_of_its_own_settings(tiny_llama_dir, toy_csv, tmp_path):
+    import kdshield.bench as bench
+    from kdshield.results import read_records, removal_rows
+
+    bench.run_grid(_grid(tiny_llama_dir, toy_csv, tmp_path))
+    bench.run_grid(_grid(tiny_llama_dir, toy_csv, tmp_path, poison_lr=1e-4))
+    recs = read_records(tmp_path / "r.jsonl")
+    rows = removal_rows(recs)
+    by_poison = {r["poison_hash"]: r["asr"] for r in recs if r["method"] == "none"}
+    floor = next(r["asr"] for r in recs if r["poisoned_model"] is False)
+    for rec, row in zip(recs, rows):
+        if rec["method"] == "lora" and rec["poisoned_model"]:
+            pois = by_poison[rec["poison_hash"]]
+            expected = (pois - rec["asr"]) / (pois - floor) if pois - floor > 1e-9 else None
+            assert row["removal"] == pytest.approx(expected) if expected is not None else row["removal"] is None
+
+
+def test_grid_saves_each_cells_adapter_and_drops_optimizer_states(tiny_llama_dir, toy_csv, tmp_path):
+    import kdshield.bench as bench
+    from kdshield.models.classifier import load_classifier
+
+    recs = bench.run_grid(_grid(tiny_llama_dir, toy_csv, tmp_path))
+    for r in recs:
+        run = Path(r["run_dir"])
+        if r["method"] == "lora":
+            assert load_classifier(run / "adapter").adapter_spec["kind"] == "lora"
+    work = tmp_path / "w"
+    assert not list(work.rglob("optimizer.pt"))
+    poisoned = next(Path(r["run_dir"]) for r in recs if r["method"] == "none")
+    assert (poisoned / "model.safetensors").is_file()
+    assert not (poisoned.parent / "checkpoint" / "trainable.safetensors").exists()  # no second copy
+
+
+# --- the commands -----------------------------------------------------------------------------
+
+def _finetune(model, data, out, *extra):
+    return ["finetune", "--model", str(model), "--data", str(data), "--out", str(out), "--adapter.r", "4",
+            "--train.epochs", "1", "--train.batch-size", "16", "--train.precision", "fp32", *extra]
+
+
+def test_finetune_reuses_a_finished_run_only_with_its_settings(tiny_llama_dir, toy_csv, tmp_path, capsys):
+    out = tmp_path / "ft"
+    assert main(_finetune(tiny_llama_dir, toy_csv, out)) == 0
+    before = _tree_digest(out)
+    capsys.readouterr()
+    # no flag: a finished run is never overwritten
+    assert main(_finetune(tiny_llama_dir, toy_csv, out)) == 2
+    err = capsys.readouterr().err
+    assert "finished run with these settings" in err and "--resume" in err and "--fresh" in err
+    # other settings: refused even with --resume, naming what differs
+    assert main(_finetune(tiny_llama_dir, toy_csv, out, "--resume", "--train.lr", "1e-5")) == 2
+    err = capsys.readouterr().err
+    assert "train.lr 0.0002 -> 1e-05" in err
+    assert main(_finetune(tiny_llama_dir, toy_csv, out, "--resume", "--adapter.r", "8")) == 2
+    assert "adapter.r 4 -> 8" in capsys.readouterr().err
+    assert _tree_digest(out) == before
+    # same settings with --resume: reused (no training), evaluated again, recorded as reused
+    assert main(_finetune(tiny_llama_dir, toy_csv, out, "--resume")) == 0
+    recs = _records(out / "results.jsonl")
+    assert len(recs) == 2 and recs[1]["reused"] is True and recs[1]["ca"] == recs[0]["ca"]
+    assert recs[1]["settings_hash"] == recs[0]["settings_hash"] and recs[1]["wall_s"] == recs[0]["wall_s"]
+    # --fresh: runs again under the new settings; the results file keeps every record
+    assert main(_finetune(tiny_llama_dir, toy_csv, out, "--fresh", "--train.lr", "1e-3")) == 0
+    recs = _records(out / "results.jsonl")
+    assert len(recs) == 3 and recs[2]["config"]["train"]["lr"] == 1e-3 and recs[2]["reused"] is False
+    assert not (out / "train" / "checkpoint" / "optimizer.pt").exists()
+
+
+def test_attack_with_another_trigger_over_a_finished_run_is_refused(tiny_llama_dir, toy_csv, tmp_path, capsys):
+    args = ["attack", "--student", str(tiny_llama_dir), "--data", str(toy_csv), "--out", str(tmp_path / "p"),
+            "--train.epochs", "1", "--train.batch-size", "16", "--train.precision", "fp32", "--asr-target", "1.0"]
+    assert main([*args, "--attack", "badnet"]) == 0
+    before = _tree_digest(tmp_path / "p")
+    capsys.readouterr()
+    assert main([*args, "--attack", "insent", "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert "attack.attack 'badnet' -> 'insent'" in err
+    assert _tree_digest(tmp_path / "p") == before
+
+
+def test_poisoned_model_reused_only_under_its_settings(tiny_llama_dir, toy_dataset, tmp_path):
+    from kdshield.attacks.config import AttackConfig
+    from kdshield.attacks.weight_poisoning import weight_poison
+    from kdshield.data import TaskData
+    from kdshield.training.loop import TrainConfig
+
+    task = TaskData(name="toy", label_names=["neg", "pos"], source="test",
+                    splits={"proxy": toy_dataset(48, 1), "dev": toy_dataset(24, 2), "test": toy_dataset(24, 3)})
+    cfg = TrainConfig(epochs=1, batch_size=16, precision="fp32")
+    first = weight_poison(str(tiny_llama_dir), task, AttackConfig(asr_target=1.0), cfg, tmp_path / "p")
+    again = weight_poison(str(tiny_llama_dir), task, AttackConfig(asr_target=1.0), cfg, tmp_path / "p")
+    assert again.model is None and again.card["settings_hash"] == first.card["settings_hash"]
+    with pytest.raises(RunStateError, match="attack_config.attack 'badnet' -> 'insent'"):
+        weight_poison(str(tiny_llama_dir), task, AttackConfig(attack="insent", asr_target=1.0), cfg, tmp_path / "p")
+    with pytest.raises(RunStateError, match="train.lr"):
+        weight_poison(str(tiny_llama_dir), task, AttackConfig(asr_target=1.0), TrainConfig(
+            epochs=1, batch_size=16, precision="fp32", lr=1e-3), tmp_path / "p")
+
+
+def test_defend_records_the_settings_its_defense_ran_with(tiny_llama_dir, tiny_bert_dir, toy_csv, tmp_path, caplog):
+    out = tmp_path / "w2s"
+    with caplog.at_level(logging.WARNING):
+        assert main(["defend", "--method", "w2s", "--student", str(tiny_llama_dir), "--data", str(toy_csv),
+                     "--out", str(out), "--w2s.teacher", str(tiny_bert_dir), "--w2s.teacher-epochs", "1",
+                     "--w2s.epochs", "2", "--train.epochs", "1", "--train.batch-size", "16",
+                     "--train.precision", "fp32"]) == 0
+    assert "--w2s.epochs=2 instead of --train.epochs=1" in caplog.text
+    assert "--w2s.lr=0.001 instead of --train.lr=0.0002" in caplog.text
+    rec = _records(out / "results.jsonl")[0]
+    assert rec["config"]["train"]["epochs"] == 2 and rec["config"]["train"]["lr"] == 1e-3
+    assert rec["config"]["adapter"]["r"] == 16 and rec["config"]["adapter"]["lora_alpha"] == 32.0
+    report = json.loads((out / "report.json").read_text())
+    assert report["config"]["train"] == rec["config"]["train"]
+
+
+# --- the loop ---------------------------------------------------------------------------------
+
+def _tiny_clf(tiny_llama_dir):
+    from kdshield.models.adapters import AdapterConfig, attach_adapter
+    from kdshield.models.classifier import load_classifier
+
+    clf = load_classifier(str(tiny_llama_dir), num_labels=2)
+    attach_adapter(clf, AdapterConfig(kind="lora", r=4))
+    return clf
+
+
+class _Killed(Exception):
+    pass
+
+
+def test_resumed_wall_time_counts_the_killed_process(tiny_llama_dir, toy_dataset, tmp_path):
+    import time
+
+    from kdshield.training.loop import TrainConfig, train
+
+    cfg = TrainConfig(epochs=2, batch_size=16, precision="fp32")
+    data = toy_dataset(64)
+
+    def slow_then_kill(model):
+        if len(calls) == 1:
+            raise _Killed  # the second evaluation: after the epoch-1 checkpoint, as a kill would
+        calls.append(1)
+        time.sleep(0.5)  # work the killed process did before its checkpoint
+        return {"score": 0.0}
+
+    calls: list = []
+    with pytest.raises(_Killed):
+        train(_tiny_clf(tiny_llama_dir), data, cfg, eval_fn=slow_then_kill, output_dir=tmp_path)
+    state = json.loads((tmp_path / "checkpoint" / "state.json").read_text())
+    assert state["epoch"] == 1 and state["wall_s"] >= 0.5
+    res = train(_tiny_clf(tiny_llama_dir), data, cfg, output_dir=tmp_path, resume=True)
+    assert res.resumed_from_step is not None and res.prior_wall_s == pytest.approx(state["wall_s"])
+    assert res.wall_s > res.prior_wall_s
+
+
+def test_resume_under_other_settings_names_them(tiny_llama_dir, toy_dataset, tmp_path):
+    from kdshield.training.loop import TrainConfig, train
+
+    data = toy_dataset(32)
+    train(_tiny_clf(tiny_llama_dir), data, TrainConfig(epochs=1, batch_size=16, precision="fp32"),
+          output_dir=tmp_path)
+    with pytest.raises(RunStateError, match="train.epochs 1 -> 2"):
+        train(_tiny_clf(tiny_llama_dir), data, TrainConfig(epochs=2, batch_size=16, precision="fp32"),
+              output_dir=tmp_path, resume=True)
+    with pytest.raises(RunStateError, match="data"):
+        train(_tiny_clf(tiny_llama_dir), toy_dataset(32, seed=9), TrainConfig(epochs=1, batch_size=16,
+              precision="fp32"), output_dir=tmp_path, resume=True)
+
+
+@pytest.mark.parametrize("damage", ["state.json", "trainable.safetensors"])
+def test_damaged_checkpoint_is_a_clear_error(tiny_llama_dir, toy_dataset, tmp_path, damage):
+    from kdshield.training.loop import TrainConfig, train
+
+    cfg = TrainConfig(epochs=2, batch_size=16, precision="fp32")
+    data = toy_dataset(32)
+    train(_tiny_clf(tiny_llama_dir), data, cfg, output_dir=tmp_path)
+    path = tmp_path / "checkpoint" / damage
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(RunStateError, match="damaged"):
+        train(_tiny_clf(tiny_llama_dir), data, cfg, output_dir=tmp_path, resume=True)
+
+
+# --- results files ----------------------------------------------------------------------------
+
+def test_append_after_a_truncated_line_quarantines_it(tmp_path, caplog):
+    from kdshield.results import append_record, make_record, read_records
+
+    path = tmp_path / "r.jsonl"
+    append_record(path, make_record("defend", "w2s", ca=0.8, asr=0.2))
+    with path.open("a") as fh:
+        fh.write('{"run": "defend", "method": "lo')  # a killed writer
+    with caplog.at_level(logging.WARNING):
+        append_record(path, make_record("defend", "lora", ca=0.9, asr=0.9))
+        append_record(path, make_record("defend", "none", ca=0.9, asr=1.0))
+    assert "truncated record" in caplog.text
+    assert [r["method"] for r in read_records(path)] == ["w2s", "lora", "none"]
+    assert (tmp_path / "r.jsonl.corrupt").read_text() == '{"run": "defend", "method": "lo\n'
+
+
+def test_records_carry_the_hash_of_their_settings():
+    from kdshield.results import make_record, settings_hash
+
+    a = make_record("bench", "lora", config={"train": {"lr": 1e-3, "epochs": 2}})
+    b = make_record("bench", "lora", config={"train": {"epochs": 2, "lr": 1e-3}})
+    c = make_record("bench", "lora", config={"train": {"epochs": 2, "lr": 2e-4}})
+    assert a["settings_hash"] == b["settings_hash"] == settings_hash({"train": {"lr": 1e-3, "epochs": 2}})
+    assert c["settings_hash"] != a["settings_hash"]
