@@ -3,7 +3,7 @@
     python benchmarks/bench_bedkd.py
     python benchmarks/bench_bedkd.py --n-proxy 200 --n-train 400 --n-dev 100 --n-test 100 \\
         --n-dmm-per-class 20 --dmm-epochs 2 --n-trust-per-class 40 --cycles 2      # a smoke run
-    python benchmarks/bench_bedkd.py --poisoned-model runs/bench/rotten-tomatoes-rotten-tomatoes-s0/poisoned-badnet-clean/model
+    python benchmarks/bench_bedkd.py --poisoned-model runs/bench/<block>/poisoned-badnet-clean-<hash>/model  # run_dir of the none record
 
 Steps, on ``smollm2-135m`` and ``rotten-tomatoes`` (``kdshield.data.load_task``) by default:
 

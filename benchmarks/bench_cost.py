@@ -1,6 +1,8 @@
 """Cost of W2SDefense against plain LoRA: same poisoned model, data, adapter and epochs, one run.
 
-    python benchmarks/bench_cost.py --poisoned-model runs/bench/smollm2-135m-rotten-tomatoes-rotten-tomatoes-s0/poisoned-badnet-clean/model
+    python benchmarks/bench_cost.py --poisoned-model runs/bench/<block>/poisoned-badnet-clean-<hash>/model
+
+(the poisoned model's folder is the ``run_dir`` of its ``none`` record in the bench results file)
 
 Each method is trained in its own child process (so that the peak resident memory is its own),
 from scratch in a temporary directory, in the order ``--order`` (default lora, w2s, lora, w2s:
@@ -23,12 +25,10 @@ from pathlib import Path
 
 import yaml
 
-DEFAULT_MODEL = "runs/bench/smollm2-135m-rotten-tomatoes-rotten-tomatoes-s0/poisoned-badnet-clean/model"
-
-
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--poisoned-model", default=DEFAULT_MODEL)
+    p.add_argument("--poisoned-model", required=True,
+                   help="poisoned model folder (the run_dir of a none record in the bench results)")
     p.add_argument("--dataset", default="rotten-tomatoes")
     p.add_argument("--proxy", default=None)
     p.add_argument("--data-dir", default=None)

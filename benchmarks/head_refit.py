@@ -1,8 +1,9 @@
 """Refit the output layer of finished W2SDefense students and compare CA / ASR before and after.
 
-    python benchmarks/head_refit.py --attack insent w2s-last w2s-last-seed1 w2s-seed2 w2s-seed3 w2s-seed4
+    python benchmarks/head_refit.py --attack insent --poisoned-dir runs/bench/<block>/poisoned-insent-clean-<hash> \\
+        w2s-<hash> ...
     python benchmarks/head_refit.py --dataset sst2:imdb --data-dir ../shared/data --max-chars 300 \\
-        --attack syntactic w2s-last w2s-last-seed1 w2s-seed2
+        --attack syntactic --poisoned-dir ... w2s-<hash> ...
 
 Each RUN is a defense folder next to the poisoned model in the benchmark work dir (LoRA r 16 / alpha
 32, the W2SDefense default), or ``poisoned`` for the poisoned model itself without an adapter. With
@@ -19,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 from pathlib import Path
 
 import torch
@@ -30,24 +30,16 @@ from kdshield.defenses.w2s import refit_head
 from kdshield.evaluation import evaluate_model
 from kdshield.models.adapters import AdapterConfig, attach_adapter
 from kdshield.models.classifier import load_classifier
+from kdshield.results import References, read_records
 from kdshield.training.loop import load_trained_weights
 
 
-def references(results: Path, dataset: str, attack: str) -> tuple[float, float]:
-    """The clean-label poisoned model's ASR (latest ``none`` record) and the floor (latest untagged never-poisoned
-    lora). A ``none`` record counts whatever its tag: the poisoned model's folder does not depend on the tag (the
-    ``rebuild`` records re-measure the models now in the work dir)."""
-    poisoned = floor = None
-    for line in results.read_text().splitlines():
-        r = json.loads(line)
-        if r.get("dataset") != dataset or r.get("attack") != attack:
-            continue
-        if r["method"] == "none" and r.get("poisoned_model", True) and r.get("clean_label", True):
-            poisoned = r["asr"]
-        if r["method"] == "lora" and r.get("poisoned_model") is False and not r.get("tag"):
-            floor = r["asr"]
+def references(results: Path, dataset: str, attack: str, proxy: str | None) -> tuple[float, float]:
+    """The poisoned model's ASR and the floor from ``results``, through the one summary
+    (``kdshield.results.References``)."""
+    poisoned, floor = References(read_records(results)).of_cell(dataset, attack, proxy=proxy)
     if poisoned is None or floor is None:
-        raise SystemExit(f"{results}: no clean-label none / untagged floor records for {dataset} {attack}")
+        raise SystemExit(f"{results}: no clean-label none / floor records for {dataset} {attack}")
     return poisoned, floor
 
 
@@ -59,6 +51,8 @@ def main() -> None:
     ap.add_argument("--data-dir", default=None)
     ap.add_argument("--max-chars", type=int, default=1000, help="as bench_embedded.py (SST-2 runs used 300)")
     ap.add_argument("--work-dir", default="runs/bench")
+    ap.add_argument("--poisoned-dir", default=None, help="the poisoned model's folder in the work dir (the "
+                                                         "run_dir of its none record, without /model)")
     ap.add_argument("--l2", type=float, nargs="+", default=[1e-3], help="L2 weights of the refit to compare")
     ap.add_argument("--results", default=None, help="results file with the none / floor records (default: "
                                                     "benchmarks/results/embedded.jsonl or sst2.jsonl)")
@@ -72,9 +66,12 @@ def main() -> None:
     block = GridRunner(grid).make_block("smollm2-135m", args.dataset, 0)
     task = block.task
     results = Path(args.results or f"benchmarks/results/{'sst2' if task.name == 'sst2' else 'embedded'}.jsonl")
-    poisoned_asr, floor = references(results, task.name, args.attack)
-    pdir = block.work / f"poisoned-{args.attack}-clean"
-    base_ref, run_root = (("smollm2-135m", block.work) if args.never_poisoned else (pdir / "model", pdir))
+    poisoned_asr, floor = references(results, task.name, args.attack, task.proxy)
+    pdir = Path(args.poisoned_dir) if args.poisoned_dir else None
+    if pdir is None and not args.never_poisoned:
+        raise SystemExit("--poisoned-dir is needed: the poisoned model's folder (the run_dir of its none record, "
+                         "without /model)")
+    base_ref, run_root = (("smollm2-135m", block.work / "floor-lora") if args.never_poisoned else (pdir / "model", pdir))
     attack = AttackConfig(attack=args.attack, clean_label=True)
     train = task.split("train")
     torch.manual_seed(0)  # the never-poisoned student has no head yet: every run loads its own over it

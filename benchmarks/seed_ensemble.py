@@ -1,12 +1,13 @@
 """Average the test probabilities of finished W2SDefense runs that differ only in the defense seed.
 
-    python benchmarks/seed_ensemble.py --attack insent w2s-last w2s-last-seed1 w2s-seed2 w2s-seed3 w2s-seed4
+    python benchmarks/seed_ensemble.py --attack insent --poisoned-dir runs/bench/<block>/poisoned-insent-clean-<hash> \
+        w2s-1a2b3c4d w2s-5e6f7a8b ...
 
-Each RUN is a defense folder next to the poisoned model in the benchmark work dir (LoRA r 16 /
-alpha 32, the W2SDefense default); its last weights are evaluated on the test split (CA) and the
-triggered test split (ASR), then every subset of the runs is scored by its mean probabilities.
-Prints CA / ASR / removal per subset; references (the poisoned model's ASR and the floor) are
-passed in, as read from the results file.
+Each RUN is a defense folder inside the poisoned model's folder in the benchmark work dir (LoRA
+r 16 / alpha 32, the W2SDefense default); its last weights are evaluated on the test split (CA)
+and the triggered test split (ASR), then every subset of the runs is scored by its mean
+probabilities. Prints CA / ASR / removal per subset; the references (the poisoned model's ASR and
+the floor) come from the results file through the one summary (``kdshield.results.References``).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from kdshield.evaluation import accuracy, attack_success_rate
 from kdshield.inference import predict
 from kdshield.models.adapters import AdapterConfig, attach_adapter
 from kdshield.models.classifier import load_classifier
+from kdshield.results import References, read_records, removal_ratio
 from kdshield.training.loop import load_trained_weights
 
 
@@ -31,15 +33,19 @@ def main() -> None:
     ap.add_argument("runs", nargs="+")
     ap.add_argument("--attack", default="insent")
     ap.add_argument("--dataset", default="rotten-tomatoes")
-    ap.add_argument("--work-dir", default="runs/bench")
-    ap.add_argument("--poisoned-asr", type=float, default=0.9948, help="ASR of the poisoned model (none row)")
-    ap.add_argument("--floor-asr", type=float, default=0.1851, help="ASR of the never-poisoned student + LoRA")
+    ap.add_argument("--poisoned-dir", required=True, help="the poisoned model's folder in the bench work dir")
+    ap.add_argument("--results", default="benchmarks/results/embedded.jsonl",
+                    help="results file with the poisoned model's (none) and the floor's records")
     args = ap.parse_args()
     torch.set_num_threads(1)
     block = GridRunner(GridConfig(datasets=[args.dataset], attacks=[args.attack])).make_block(
         "smollm2-135m", args.dataset, 0)
-    pdir = f"{args.work_dir}/smollm2-135m-{args.dataset}-{args.dataset}-s0/poisoned-{args.attack}-clean"
+    pdir = args.poisoned_dir
     attack = AttackConfig(attack=args.attack, clean_label=True)
+    refs = References(read_records(args.results))
+    poisoned_asr, floor_asr = refs.of_cell(args.dataset, args.attack)
+    if poisoned_asr is None or floor_asr is None:
+        raise SystemExit(f"{args.results} lacks the poisoned-model or floor record of {args.dataset} {args.attack}")
     clean, trig = ca_set(block.task, attack, "test"), asr_set(block.task, attack, "test")
     clf = load_classifier(f"{pdir}/model", num_labels=block.task.num_labels, label_names=block.task.label_names)
     attach_adapter(clf, AdapterConfig(kind="lora", r=16, lora_alpha=32.0))
@@ -55,7 +61,7 @@ def main() -> None:
             pt = np.mean([probs[r][1] for r in subset], axis=0)
             ca = accuracy(pc, clean["label"])
             asr = attack_success_rate(pt, trig["label"], attack.target_label)
-            rem = (args.poisoned_asr - asr) / (args.poisoned_asr - args.floor_asr)
+            rem = removal_ratio(poisoned_asr, asr, floor_asr)
             removals.append(rem)
             print(f"{k} | {' + '.join(subset)} | CA {ca * 100:.1f} | ASR {asr * 100:.1f} | removal {rem:.2f}")
         print(f"{k} runs: removal min {min(removals):.2f} mean {np.mean(removals):.2f} max {max(removals):.2f}")

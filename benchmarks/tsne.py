@@ -30,7 +30,6 @@ from kdshield.models.classifier import load_classifier
 from kdshield.reporting import plot_feature_tsne
 from kdshield.training.loop import load_trained_weights
 
-WORK = "runs/bench/smollm2-135m-rotten-tomatoes-rotten-tomatoes-s0"
 
 
 def features(poisoned: Path, run: Path, adapter: AdapterConfig, texts: list[str], max_length: int):
@@ -54,7 +53,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dataset", default="rotten-tomatoes")
     p.add_argument("--attack", default="badnet")
-    p.add_argument("--poisoned-dir", default=None, help=f"default {WORK}/poisoned-<attack>-clean")
+    p.add_argument("--poisoned-dir", required=True,
+                   help="the poisoned model's folder (the run_dir of its none record, without /model)")
     p.add_argument("--before", default="lora", help="run folder (under --poisoned-dir) shown as 'before'")
     p.add_argument("--after", default="w2s", help="run folder shown as 'after'")
     p.add_argument("--before-r", type=int, default=8, help="LoRA rank of the 'before' run (plain LoRA: 8)")
@@ -67,7 +67,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=None, help="default benchmarks/report/tsne_<attack>.png")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
-    pdir = Path(a.poisoned_dir or f"{WORK}/poisoned-{a.attack}-clean")
+    pdir = Path(a.poisoned_dir)
     if not (pdir / "model").is_dir():
         p.error(f"{pdir}/model not found: run benchmarks/bench_embedded.py --attacks {a.attack} first")
     # the benchmark's splits (bench_embedded.py defaults)

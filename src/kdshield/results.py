@@ -299,6 +299,13 @@ class References:
             return self.floor_by_hash.get((r["block_hash"], str(r.get("attack"))))
         return self._pick(self.floor_legacy.get(_legacy_key(r, poisoning=False)), r.get("tag") or "")
 
+    def of_cell(self, dataset: str, attack: str, *, proxy: str | None = None, student: str = "smollm2-135m",
+                seed: int = 0, clean_label: bool = True, tag: str = "") -> tuple[float | None, float | None]:
+        """(poisoned ASR, floor ASR) of a cell named by its fields (benchmark scripts)."""
+        cell = {"dataset": dataset, "proxy": proxy or dataset, "student": student, "attack": attack, "seed": seed,
+                "clean_label": clean_label, "tag": tag, "poisoned_model": True, "method": "?"}
+        return self.poisoned(cell), self.floor(cell)
+
     def removal(self, r: dict) -> tuple[float | None, list[str]]:
         """The record's removal ratio (None for references and where a reference is missing) and
         notes saying why it is missing."""
