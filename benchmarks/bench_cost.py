@@ -25,6 +25,7 @@ from pathlib import Path
 
 import yaml
 
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--poisoned-model", required=True,

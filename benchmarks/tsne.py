@@ -31,7 +31,6 @@ from kdshield.reporting import plot_feature_tsne
 from kdshield.training.loop import load_trained_weights
 
 
-
 def features(poisoned: Path, run: Path, adapter: AdapterConfig, texts: list[str], max_length: int):
     clf = load_classifier(str(poisoned))
     attach_adapter(clf, adapter)
