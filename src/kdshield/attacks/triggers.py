@@ -30,7 +30,7 @@ from kdshield.registry import Registry
 
 POSITIONS = ("random", "start", "end")
 
-TRIGGERS: Registry[type[Trigger]] = Registry("trigger")
+TRIGGERS: Registry[type[Trigger]] = Registry("trigger", base=lambda: Trigger)  # Trigger is defined below
 
 
 class Trigger(abc.ABC):

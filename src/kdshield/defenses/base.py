@@ -122,5 +122,5 @@ def finish(result: DefenseResult, timer: Timer) -> DefenseResult:
     return result
 
 
-DEFENSES: Registry[type[Defense]] = Registry("defense")
+DEFENSES: Registry[type[Defense]] = Registry("defense", base=Defense)
 DETECTORS: Registry[type] = Registry("detector")
