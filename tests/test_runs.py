@@ -100,6 +100,25 @@ def test_grid_rerun_recomputes_exactly_the_cells_a_changed_setting_enters(tiny_l
     assert _cells(fourth) == _cells(first) and all(r["n_train"] == 48 for r in fourth)
 
 
+def test_grid_keeps_a_w2s_cell_when_only_a_setting_it_replaces_changes(tiny_llama_dir, tiny_bert_dir, toy_csv,
+                                                                         tmp_path):
+    import kdshield.bench as bench
+
+    w2s = {"w2s": {"teacher": str(tiny_bert_dir), "teacher_epochs": 1, "epochs": 1}}
+    first = bench.run_grid(_grid(tiny_llama_dir, toy_csv, tmp_path, methods=["lora", "w2s"], floor=False,
+                                 method_config=w2s))
+    assert _cells(first) == [("lora", True), ("w2s", True)]
+    # W2SDefense trains with its own epochs (w2s.epochs): the shared epochs do not enter its cell
+    again = bench.run_grid(_grid(tiny_llama_dir, toy_csv, tmp_path, methods=["lora", "w2s"], floor=False,
+                                 method_config=w2s, epochs=2))
+    assert _cells(again) == [("lora", True)] and again[0]["config"]["train"]["epochs"] == 2
+    # ... but a shared setting it does use (the modules LoRA adapts) reruns it, and not the poisoning
+    third = bench.run_grid(_grid(tiny_llama_dir, toy_csv, tmp_path, methods=["lora", "w2s"], floor=False,
+                                 method_config=w2s, epochs=2, lora_targets=["q_proj"]))
+    assert _cells(third) == [("lora", True), ("w2s", True)]
+    assert len({r["poison_hash"] for r in first + again + third}) == 1
+
+
 def test_grid_summary_pairs_each_run_with_the_references_of_its_own_settings(tiny_llama_dir, toy_csv, tmp_path):
     import kdshield.bench as bench
     from kdshield.results import read_records, removal_rows

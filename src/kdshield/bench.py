@@ -198,16 +198,20 @@ class _Block:
     settings: dict  # what every cell of the block shares (data digests, student, PEFT settings)
 
     def cell_hash(self, method: str, attack: AttackConfig, poison: dict | None) -> str:
-        """Hash of everything a cell runs with; ``poison`` None = the never-poisoned student."""
+        """Hash of everything a cell runs with; ``poison`` None = the never-poisoned student. The shared
+        PEFT settings enter as the defense will use them (``Defense.planned_settings``)."""
         cfg = self.runner.cfg
-        mcfg = None
+        mcfg = planned = None
         if method != "none":
-            mcfg = config_to_dict(DEFENSES.get(method).config_class(**cfg.method_config.get(method, {})))
+            defense = DEFENSES.get(method)
+            config = defense.config_class(**cfg.method_config.get(method, {}))
+            mcfg = config_to_dict(config)
+            planned = defense().planned_settings(DefenseContext(
+                student=self.common["student"], task=self.task, output_dir=self.work, train=self.peft_train,
+                adapter=self.adapter, data_dir=cfg.data_dir, attack=attack), config)
         attack_settings = {**config_to_dict(attack), "name": attack_name(attack, self.task, cfg.data_dir)}
-        block = self.settings
-        if method == "none":  # the poisoned model as it is: the shared PEFT settings do not enter
-            block = {k: v for k, v in block.items() if k not in ("train", "adapter")}
-        return settings_hash({"block": block, "attack": attack_settings, "poison": poison,
+        block = {k: v for k, v in self.settings.items() if k not in ("train", "adapter")}
+        return settings_hash({"block": block, "planned": planned, "attack": attack_settings, "poison": poison,
                               "method": method, "method_config": mcfg, "tag": cfg.tag})
 
     def _fields(self, attack: AttackConfig, poison: dict | None) -> dict:

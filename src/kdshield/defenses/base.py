@@ -94,6 +94,13 @@ class Defense:
     def run(self, ctx: DefenseContext, config: Any) -> DefenseResult:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    def planned_settings(self, ctx: DefenseContext, config: Any) -> dict:
+        """The shared training and adapter settings this defense will run with, before it runs: they
+        key its benchmark cell. By default all of ``ctx.train`` and ``ctx.adapter`` (a change to any
+        of them reruns the cell); a defense that replaces some of them with its own options (W2SDefense's
+        lr, epochs, rank) returns what it will really use, so a change it ignores reruns nothing."""
+        return {"train": config_to_dict(ctx.train), "adapter": config_to_dict(ctx.adapter)}
+
 
 class Timer:
     """``with Timer() as t: ...`` then ``t.s`` (wall seconds)."""

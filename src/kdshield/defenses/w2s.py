@@ -220,14 +220,19 @@ def _cache_train_key(train_cfg: TrainConfig) -> dict:
     return d
 
 
+def teacher_train_config(cfg: W2SConfig, train_cfg: TrainConfig) -> TrainConfig:
+    """The teacher's full fine-tuning settings (it shares only length, seed and precision with the student)."""
+    return TrainConfig(epochs=cfg.teacher_epochs, lr=cfg.teacher_lr, batch_size=cfg.teacher_batch_size,
+                       max_length=cfg.teacher_max_length or train_cfg.max_length, seed=train_cfg.seed,
+                       precision=train_cfg.precision, checkpoint_every=0)
+
+
 def prepare_teacher(cfg: W2SConfig, task: TaskData, student_hidden: int, train_cfg: TrainConfig, *,
                     options: LoadOptions = LoadOptions(), cache_root: Path | None = None) -> Teacher:
     """Fine-tune the teacher (full parameters, projection head to ``student_hidden``) or reuse it."""
     data = task.split("train")
-    max_length = cfg.teacher_max_length or train_cfg.max_length
-    teacher_train = TrainConfig(epochs=cfg.teacher_epochs, lr=cfg.teacher_lr, batch_size=cfg.teacher_batch_size,
-                                max_length=max_length, seed=train_cfg.seed, precision=train_cfg.precision,
-                                checkpoint_every=0)
+    teacher_train = teacher_train_config(cfg, train_cfg)
+    max_length = teacher_train.max_length
     key_src = {"teacher": str(cfg.teacher), "resolved": str(resolve_model_ref(cfg.teacher, options)),
                "data": _texts_digest(data["text"], data["label"]), "dev": _texts_digest(
                    task.split("dev")["text"], task.split("dev")["label"]),
@@ -301,13 +306,14 @@ class W2SDefense(Defense):
     paper = ("Zhao et al., Unlearning Backdoor Attacks for LLMs with Weak-to-Strong Knowledge Distillation "
              "(W2SDefense), Findings of ACL 2025")
 
+    def planned_settings(self, ctx: DefenseContext, config: W2SConfig) -> dict:
+        train_cfg, adapter = student_settings(ctx, config)
+        return {"train": config_to_dict(train_cfg), "adapter": config_to_dict(adapter),
+                "teacher_train": config_to_dict(teacher_train_config(config, ctx.train))}
+
     def run(self, ctx: DefenseContext, config: W2SConfig) -> DefenseResult:
         with Timer() as timer:
-            overrides = {k: v for k, v in (("lr", config.lr), ("epochs", config.epochs),
-                                            ("schedule", config.schedule), ("ema", config.ema),
-                                            ("seed", config.seed)) if v is not None}
-            train_cfg = dataclasses.replace(ctx.train, select_best=config.select == "best", **overrides)
-            adapter = student_adapter(ctx.adapter if ctx.adapter is not None else AdapterConfig(), config)
+            train_cfg, adapter = student_settings(ctx, config)
             _say_own_settings(ctx, train_cfg, adapter)
             torch.manual_seed(train_cfg.seed)  # a student without a trained head gets a random one
             student = load_classifier(ctx.student, num_labels=ctx.task.num_labels,
@@ -339,6 +345,15 @@ class W2SDefense(Defense):
                 "teacher_trained": teacher.trained, "teacher_s": round(t_teacher.s, 1),
                 "student_s": round(t_student.s, 1), "train": res.to_dict(), "head_refit": refit}
         return finish(DefenseResult(model=clf, trainable_params=res.trainable_params, train=res, logs=logs), timer)
+
+
+def student_settings(ctx: DefenseContext, config: W2SConfig) -> tuple[TrainConfig, AdapterConfig]:
+    """The student's training and adapter settings: the shared ones with this defense's own options."""
+    overrides = {k: v for k, v in (("lr", config.lr), ("epochs", config.epochs), ("schedule", config.schedule),
+                                    ("ema", config.ema), ("seed", config.seed)) if v is not None}
+    train_cfg = dataclasses.replace(ctx.train, select_best=config.select == "best", **overrides)
+    adapter = student_adapter(ctx.adapter if ctx.adapter is not None else AdapterConfig(), config)
+    return train_cfg, adapter
 
 
 def _say_own_settings(ctx: DefenseContext, train_cfg: TrainConfig, adapter: AdapterConfig) -> None:
