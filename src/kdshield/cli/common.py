@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import difflib
+import os
+import tempfile
 from pathlib import Path
 
 from kdshield.attacks.config import AttackConfig
 from kdshield.config import add_config_arguments, build_config, load_yaml
 from kdshield.data import DataConfig, TaskData
+from kdshield.errors import ConfigError
 from kdshield.models.adapters import AdapterConfig
 from kdshield.models.loading import LoadOptions
 from kdshield.training.loop import TrainConfig
@@ -37,8 +41,37 @@ def add_run_args(parser: argparse.ArgumentParser, *, out_default: str | None = N
                                                            "(default: DIR/results.jsonl)")
 
 
+# Sections every command's --config file may hold (build_task also reads ``dataset``, a name or file).
+COMMON_SECTIONS = ("data", "train", "adapter", "attack", "dataset")
+
+
+def valid_sections(args: argparse.Namespace) -> list[str]:
+    """The sections a --config file may hold for this command: the common ones plus the prefix of
+    every prefixed option group the command registered (each defense for ``defend``)."""
+    prefixes = {key.split("__", 1)[0] for key in vars(args) if "__" in key}
+    return sorted(set(COMMON_SECTIONS) | prefixes)
+
+
 def yaml_sections(args: argparse.Namespace) -> dict:
-    return load_yaml(args.config) if getattr(args, "config", None) else {}
+    """The --config file's sections, checked: an unknown (e.g. misspelled) section is an error
+    naming it, the valid ones and the closest match, never silently ignored."""
+    if not getattr(args, "config", None):
+        return {}
+    sections = load_yaml(args.config)
+    valid = valid_sections(args)
+    for key, value in sections.items():
+        if key not in valid:
+            close = difflib.get_close_matches(str(key), valid, n=1, cutoff=0.5)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise ConfigError(f"{args.config}: unknown section {key!r}{hint} (valid sections for "
+                              f"{getattr(args, 'command', None) or 'this command'}: {', '.join(valid)})")
+        if key == "dataset":
+            if value is not None and not isinstance(value, str):
+                raise ConfigError(f"{args.config}: 'dataset' must be a dataset name or file, got {value!r}")
+        elif value is not None and not isinstance(value, dict):
+            raise ConfigError(f"{args.config}: section {key!r} must be a mapping of options (name: value), "
+                              f"got {value!r} ({type(value).__name__})")
+    return sections
 
 
 def load_options(args: argparse.Namespace) -> LoadOptions:
@@ -50,7 +83,11 @@ def build_task(args: argparse.Namespace) -> tuple[TaskData, DataConfig]:
     sections = yaml_sections(args)
     data_cfg = build_config(DataConfig, sections.get("data"), args)
     target = args.data or sections.get("dataset")
-    return data_cfg.load(target), data_cfg
+    if not target:
+        raise ConfigError("no dataset: pass --data NAME (or a dataset: entry in the --config file)")
+    task = data_cfg.load(target)
+    args._kdshield_task = task  # build_attack checks the target label against it
+    return task, data_cfg
 
 
 def build_train(args: argparse.Namespace, **defaults) -> TrainConfig:
@@ -63,12 +100,21 @@ def build_adapter(args: argparse.Namespace) -> AdapterConfig:
 
 
 def build_attack(args: argparse.Namespace, required: bool = False) -> AttackConfig | None:
+    """The attack to test (None without --attack or an attack section, unless ``required``), checked
+    before any work: its trigger options (names and types) and, after build_task, its target label
+    against the task's classes."""
     section = yaml_sections(args).get("attack")
     if getattr(args, "attack", None) is None and not section:
-        if required:
-            return build_config(AttackConfig, None, args)
-        return None
-    return build_config(AttackConfig, section, args)
+        if not required:
+            return None
+        attack = build_config(AttackConfig, None, args)
+    else:
+        attack = build_config(AttackConfig, section, args)
+    check_trigger_options(attack)
+    task = getattr(args, "_kdshield_task", None)
+    if task is not None:
+        check_attack_fits(attack, task)
+    return attack
 
 
 def results_path(args: argparse.Namespace) -> Path:
@@ -78,3 +124,45 @@ def results_path(args: argparse.Namespace) -> Path:
 def print_metrics(title: str, metrics: dict) -> None:
     parts = [f"{k.upper()} {100 * v:.1f}%" for k, v in metrics.items() if k in ("ca", "asr") and v is not None]
     print(f"{title}: " + ", ".join(parts))
+
+
+def check_output_dir(path: str | Path, what: str = "--out") -> Path:
+    """``path`` as a directory this process can write into, created if needed; ConfigError before any
+    work when it is a file, lies under a file, or is not writable (probed with a temporary file that
+    is removed again; nothing already in the directory is touched)."""
+    out = Path(path).expanduser()
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"{what} {out} is an existing file, not a directory; pass a directory path "
+                          "(a new one, or an earlier run's directory)")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ConfigError(f"{what} {out}: cannot create the directory ({err.strerror or err}); pass a "
+                          "directory path that is writable and not under an existing file") from None
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".kdshield-write-test-", dir=out)
+    except OSError as err:
+        raise ConfigError(f"{what} {out} is not writable ({err.strerror or err}); fix its permissions or "
+                          "pass another directory") from None
+    os.close(fd)
+    os.unlink(probe)
+    return out
+
+
+def check_trigger_options(attack: AttackConfig) -> None:
+    """ConfigError now, not at the first poisoned batch or after training, for trigger options that
+    the trigger does not know or whose values have the wrong type; int-valued floats (2.0) become ints."""
+    from kdshield.attacks.triggers import TRIGGERS, build_trigger
+
+    config_class = TRIGGERS.get(attack.attack).config_class
+    checked = build_config(config_class, attack.trigger, prefix="trigger")
+    attack.trigger = {k: getattr(checked, str(k).replace("-", "_")) for k in attack.trigger}
+    build_trigger(attack.attack, **attack.trigger)
+
+
+def check_attack_fits(attack: AttackConfig, task: TaskData) -> None:
+    """ConfigError when the attack's target label is not one of the task's classes."""
+    if not 0 <= attack.target_label < task.num_labels:
+        classes = ", ".join(f"{i} = {name}" for i, name in enumerate(task.label_names))
+        raise ConfigError(f"target_label={attack.target_label} is not a class of {task.name} ({classes}); "
+                          f"pass --target-label 0..{task.num_labels - 1}")
