@@ -27,7 +27,12 @@ from transformers import AutoConfig, AutoModel, AutoTokenizer
 from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
 
 from kdshield.errors import ConfigError, ModelLoadError
-from kdshield.models.loading import LoadOptions, read_json, resolve_model_ref
+from kdshield.models.loading import (
+    LoadOptions,
+    read_json,
+    resolve_model_ref,
+    warn_ignored_remote_code,
+)
 
 log = logging.getLogger(__name__)
 
@@ -142,6 +147,8 @@ class Classifier(nn.Module):
         self.label_names = label_names or [str(i) for i in range(head.num_labels)]
         self.source = source
         self.adapter_spec: dict | None = None
+        # Tokens per example the classifier was trained with (saved in kdshield.json; None = unknown).
+        self.max_length: int | None = None
 
     @property
     def num_labels(self) -> int:
@@ -181,7 +188,8 @@ class Classifier(nn.Module):
     # --- saving -------------------------------------------------------------------------------
     def metadata(self) -> dict:
         return {"format": FORMAT, "encoder": self.encoder, "label_names": self.label_names,
-                "head": self.head.spec(), "source": self.source, "adapter": self.adapter_spec}
+                "head": self.head.spec(), "source": self.source, "adapter": self.adapter_spec,
+                "max_length": self.max_length}
 
     def save(self, path: str | Path, *, merge: bool = False) -> Path:
         """Save as safetensors. With an adapter: the adapter alone, or merged when ``merge``."""
@@ -209,7 +217,17 @@ class Classifier(nn.Module):
 
 
 def _load_tokenizer(path: str, options: LoadOptions):
-    tok = AutoTokenizer.from_pretrained(path, trust_remote_code=options.trust_remote_code)
+    try:
+        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=options.trust_remote_code)
+    except Exception as err:
+        # A damaged tokenizer.json: json's ValueError, or the tokenizers library's plain Exception.
+        if not isinstance(err, (OSError, ValueError, TypeError, KeyError)) and type(err) is not Exception:
+            raise
+        if "trust_remote_code" in str(err):
+            raise ModelLoadError(f"{path}: the tokenizer needs custom code; pass --trust-remote-code only if "
+                                 f"you trust its source ({err})") from err
+        raise ModelLoadError(f"cannot load the tokenizer of {path}: {err}. Its tokenizer files may be damaged: "
+                             "re-download the model or re-run the step that wrote it") from err
     if tok.pad_token is None:
         if tok.eos_token is None:
             raise ModelLoadError(f"{path}: tokenizer has neither a pad nor an eos token")
@@ -231,7 +249,48 @@ def _load_backbone(path: str, options: LoadOptions, dtype: torch.dtype):
             raise ModelLoadError(f"{path} needs custom code; pass --trust-remote-code only if you trust "
                                  f"its source ({err})") from err
         raise
+    except Exception as err:
+        if type(err).__name__ != "SafetensorError":
+            raise
+        raise ModelLoadError(f"cannot load model from {path}: a weight file is damaged ({err}); re-download "
+                             "the model, or re-run the kdshield step that wrote it") from err
     return model, config
+
+
+def _check_meta(meta: dict, meta_path: Path) -> dict:
+    """kdshield.json with the fields loading needs, else ModelLoadError naming the file."""
+    def damaged(why: str) -> ModelLoadError:
+        return ModelLoadError(f"{meta_path} is damaged or from another tool ({why}); re-run the kdshield step "
+                              "that wrote this directory")
+
+    if not isinstance(meta, dict):
+        raise damaged("not a JSON object")
+    if meta.get("format") != FORMAT:
+        raise ModelLoadError(f"{meta_path}: unknown format {meta.get('format')!r}")
+    spec = meta.get("head")
+    if (not isinstance(spec, dict) or not all(isinstance(spec.get(k), int) for k in ("hidden", "num_labels"))
+            or spec.get("kind") not in ("linear", "projection")):
+        raise damaged("no valid 'head' entry {kind, hidden, num_labels}")
+    names = meta.get("label_names")
+    if names is not None and (not isinstance(names, list) or len(names) != spec["num_labels"]):
+        raise damaged(f"label_names {names!r} do not name the head's {spec['num_labels']} classes")
+    max_length = meta.get("max_length")
+    if max_length is not None and (isinstance(max_length, bool) or not isinstance(max_length, int)
+                                   or max_length < 1):
+        raise damaged(f"max_length {max_length!r} is not a positive integer")
+    return meta
+
+
+def _load_head_state(head: ClassificationHead, file: Path) -> None:
+    try:
+        state = load_file(str(file))
+    except Exception as err:  # safetensors' own error type for a damaged file; FileNotFoundError
+        raise ModelLoadError(f"cannot load the classification head {file}: {err}. Re-run the kdshield step "
+                             "that wrote it") from err
+    try:
+        head.load_state_dict(state)
+    except RuntimeError as err:
+        raise ModelLoadError(f"{file} does not fit the head described in {META_FILE}: {err}") from err
 
 
 def load_classifier(ref: str | Path, *, num_labels: int | None = None, label_names: list[str] | None = None,
@@ -244,13 +303,14 @@ def load_classifier(ref: str | Path, *, num_labels: int | None = None, label_nam
     """
     path = resolve_model_ref(ref, options)
     meta_path = Path(path) / META_FILE
-    meta = read_json(meta_path) if meta_path.is_file() else None
-    if meta is not None and meta.get("format") != FORMAT:
-        raise ModelLoadError(f"{meta_path}: unknown format {meta.get('format')!r}")
+    meta = _check_meta(read_json(meta_path), meta_path) if meta_path.is_file() else None
     if meta is not None and meta.get("adapter"):
         from kdshield.models.adapters import load_adapter_classifier
 
-        return load_adapter_classifier(Path(path), meta, options=options, dtype=dtype)
+        clf = load_adapter_classifier(Path(path), meta, options=options, dtype=dtype)
+        clf.max_length = meta.get("max_length")  # the adapter's training length, not its base model's
+        return clf
+    warn_ignored_remote_code(path, options)
     backbone, config = _load_backbone(path, options, dtype)
     tokenizer = _load_tokenizer(path, options)
     if getattr(config, "pad_token_id", None) is None:
@@ -264,7 +324,7 @@ def load_classifier(ref: str | Path, *, num_labels: int | None = None, label_nam
             raise ConfigError(f"{path} is a {spec['num_labels']}-class classifier; the data has {num_labels} "
                               "classes. Use a model trained for this task or a base model.")
         clf_head = ClassificationHead(spec["hidden"], spec["num_labels"], spec["kind"], spec.get("proj_dim"))
-        clf_head.load_state_dict(load_file(str(Path(path) / HEAD_FILE)))
+        _load_head_state(clf_head, Path(path) / HEAD_FILE)
         label_names = label_names or meta.get("label_names")
     else:
         k = num_labels or (len(label_names) if label_names else None)
@@ -272,4 +332,6 @@ def load_classifier(ref: str | Path, *, num_labels: int | None = None, label_nam
             raise ConfigError("num_labels must be >= 2 for a model without a kdshield head")
         clf_head = ClassificationHead(hidden, k, head, proj_dim)
     clf_head.to(dtype)
-    return Classifier(backbone, tokenizer, clf_head, encoder=encoder, label_names=label_names, source=str(ref))
+    clf = Classifier(backbone, tokenizer, clf_head, encoder=encoder, label_names=label_names, source=str(ref))
+    clf.max_length = meta.get("max_length") if meta is not None else None
+    return clf
