@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import re
+import struct
 from pathlib import Path
 
 import numpy as np
@@ -153,7 +154,11 @@ def test_csv_columns_and_detection_and_cost(tmp_path):
     det = {r["detector"]: r for r in detection_rows(records)}
     assert det["bedkd"]["far"] == pytest.approx(0.05) and det["bedkd"]["best"] == ["far"]
     assert det["mepd"]["best"] == ["frr"] and det["mepd"]["has_curve"]
-    assert (tmp_path / "detection.csv").stat().st_size > 0
+    with (tmp_path / "detection.csv").open() as fh:
+        written = {r["detector"]: r for r in csv.DictReader(fh)}
+    assert set(written) == {"bedkd", "mepd"}
+    assert float(written["bedkd"]["far"]) == pytest.approx(0.05) and float(written["bedkd"]["frr"]) == pytest.approx(0.2)
+    assert written["mepd"]["best"] == "frr" and written["mepd"]["has_curve"] == "True"
     cost = {r["defense"]: r for r in cost_rows(records)}
     assert cost["w2s"]["wall_s"] == pytest.approx(10.0) and cost["w2s"]["trainable_params"] == 1234
 
@@ -183,7 +188,12 @@ def test_feature_tsne(tmp_path):
     before = rng.normal(size=(40, 8)) + 4 * mask[:, None]
     after = rng.normal(size=(40, 8))
     path = plot_feature_tsne(before, after, mask, tmp_path / "tsne" / "f.png")
-    assert path.stat().st_size > 5000
+    png = path.read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    assert struct.unpack(">II", png[16:24]) == (round(2 * 4.6 * 110), round((4.2 + 0.6) * 110))  # two panels
+    again = plot_feature_tsne(before, after, mask, tmp_path / "tsne" / "g.png").read_bytes()
+    swapped = plot_feature_tsne(after, before, mask, tmp_path / "tsne" / "h.png").read_bytes()
+    assert again == png and swapped != png  # seeded: the same features give the same picture
     with pytest.raises(ValueError, match="matching lengths"):
         plot_feature_tsne(before, after[:5], mask, tmp_path / "x.png")
 
@@ -220,8 +230,10 @@ def test_grid_configs_build(path):
     from kdshield.bench import GridConfig
     from kdshield.config import build_config, load_yaml
 
-    cfg = build_config(GridConfig, load_yaml(path))  # unknown keys and methods are errors
-    assert cfg.methods
+    raw = load_yaml(path)
+    cfg = build_config(GridConfig, raw)  # unknown keys and methods are errors
+    for key in ("students", "datasets", "attacks", "methods"):
+        assert list(getattr(cfg, key)) == raw[key], key
 
 
 @pytest.mark.parametrize("path", sorted((ROOT / "configs" / "accelerate").glob("*.yaml")),
@@ -230,7 +242,10 @@ def test_accelerate_configs_load(path):
     from accelerate.commands.config.config_args import ClusterConfig
 
     cfg = ClusterConfig.from_yaml_file(str(path))  # accelerate's own reader: unknown keys fail
-    assert cfg.distributed_type.value in {"NO", "MULTI_GPU", "FSDP"} and cfg.num_processes >= 1
+    raw = yaml.safe_load(path.read_text())
+    assert cfg.distributed_type.value == raw["distributed_type"] and cfg.num_processes == raw["num_processes"]
+    kind = {"single-gpu.yaml": "NO", "multi-gpu-ddp.yaml": "MULTI_GPU", "fsdp.yaml": "FSDP"}[path.name]
+    assert cfg.distributed_type.value == kind and (cfg.num_processes == 1) == (kind == "NO")  # what its name says
     assert "-m kdshield bench" in path.read_text()  # the header shows the launch line
 
 
