@@ -81,12 +81,12 @@ def test_attack_finetune_defend_evaluate(tiny_llama_dir, tiny_bert_dir, toy_csv,
 
 
 def test_sigkill_then_resume_matches_uninterrupted(tiny_llama_dir, toy_csv, tmp_path):
-    args = _attack_args(tiny_llama_dir, toy_csv, tmp_path / "ref", "--train.checkpoint-every", "2",
+    args = _attack_args(tiny_llama_dir, toy_csv, tmp_path / "ref", "--train.checkpoint-every", "2", "--train.checkpoint-min-s", "0",
                         "--train.epochs", "3")
     assert main(args) == 0
     run = tmp_path / "killed"
     cmd = [sys.executable, "-m", "kdshield", *_attack_args(tiny_llama_dir, toy_csv, run,
-                                                          "--train.checkpoint-every", "2", "--train.epochs", "3")]
+                                                          "--train.checkpoint-every", "2", "--train.checkpoint-min-s", "0", "--train.epochs", "3")]
     env = dict(os.environ, PYTHONPATH=str(ROOT / "src"))
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     state = run / "checkpoint" / "state.json"
@@ -107,7 +107,7 @@ def test_sigkill_then_resume_matches_uninterrupted(tiny_llama_dir, toy_csv, tmp_
     if killed_at is None:
         pytest.skip("the run finished before it could be killed (machine too fast)")
     assert not (run / "model").exists()
-    assert main([*_attack_args(tiny_llama_dir, toy_csv, run, "--train.checkpoint-every", "2",
+    assert main([*_attack_args(tiny_llama_dir, toy_csv, run, "--train.checkpoint-every", "2", "--train.checkpoint-min-s", "0",
                                "--train.epochs", "3"), "--resume"]) == 0
     a = load_file(str(tmp_path / "ref" / "model" / "model.safetensors"))
     b = load_file(str(run / "model" / "model.safetensors"))

@@ -56,7 +56,7 @@ def test_resume_continues_to_identical_result(tiny_bert_dir, toy_dataset, tmp_pa
     """A run stopped after a checkpoint and resumed equals the uninterrupted run (dropout on), weight
     average included."""
     data = toy_dataset(80)
-    cfg = TrainConfig(epochs=2, lr=1e-3, batch_size=8, precision="fp32", checkpoint_every=3, ema=ema)
+    cfg = TrainConfig(epochs=2, lr=1e-3, batch_size=8, precision="fp32", checkpoint_every=3, checkpoint_min_s=0, ema=ema)
     ref = _model(tiny_bert_dir)
     train(ref, data, cfg, output_dir=tmp_path / "ref")
 

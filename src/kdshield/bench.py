@@ -35,7 +35,7 @@ from kdshield.evaluation import evaluate_model, peak_rss_mb, reset_peak_rss
 from kdshield.models.adapters import AdapterConfig
 from kdshield.models.classifier import load_classifier
 from kdshield.results import append_record, build_record, read_records, removal_rows, settings_hash
-from kdshield.training.loop import TrainConfig
+from kdshield.training.loop import CHECKPOINT_OPTIONS, TrainConfig
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +98,8 @@ def _split_dataset(spec: str) -> tuple[str, str | None]:
 def _settings(cfg) -> dict:
     """A config's fields as they enter a key (checkpoint spacing does not change a result)."""
     d = config_to_dict(cfg)
-    d.pop("checkpoint_every", None)
+    for name in CHECKPOINT_OPTIONS:
+        d.pop(name, None)
     return d
 
 

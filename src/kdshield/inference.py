@@ -17,6 +17,7 @@ import torch
 from tqdm.auto import tqdm
 
 from kdshield.data.batching import collate, encode_dataset, epoch_batches
+from kdshield.profiling import phase
 
 
 def cpu_supports_bf16() -> bool:
@@ -55,7 +56,8 @@ class Predictions:
         return self.probs.argmax(axis=1)
 
 
-@torch.no_grad()
+@phase("predict")
+@torch.inference_mode()
 def predict(model, texts: Sequence[str], *, batch_size: int = 64, max_length: int = 64,
             precision: str = "auto", with_features: bool = False, desc: str | None = None) -> Predictions:
     """Batched inference in length-sorted batches; results in the input order."""

@@ -30,7 +30,7 @@ from kdshield.models.adapters import AdapterConfig, attach_adapter
 from kdshield.models.classifier import Classifier, load_classifier
 from kdshield.models.loading import LoadOptions
 from kdshield.results import settings_diff, settings_hash
-from kdshield.training.loop import TrainConfig, drop_checkpoint_weights, train
+from kdshield.training.loop import CHECKPOINT_OPTIONS, TrainConfig, drop_checkpoint_weights, train
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +74,7 @@ def poison_settings(student: str, task: TaskData, attack: AttackConfig, train_cf
     the dev rows its stop rule reads, and the optimisation settings (checkpoint spacing left out).
     A poisoned model is reused only when these are equal."""
     data = data if data is not None else poisoned_proxy(task, attack, seed=train_cfg.seed, data_dir=data_dir)
-    train = {k: v for k, v in config_to_dict(train_cfg).items() if k != "checkpoint_every"}
+    train = {k: v for k, v in config_to_dict(train_cfg).items() if k not in CHECKPOINT_OPTIONS}
     return {"student": str(student), "attack": attack_name(attack, task, data_dir),
             "attack_config": config_to_dict(attack), "proxy": rows_digest(data, ("text", "label", "poisoned")),
             "dev": rows_digest(task.split("dev")), "labels": list(task.label_names), "train": train}

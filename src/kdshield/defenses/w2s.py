@@ -214,6 +214,7 @@ def _cache_train_key(train_cfg: TrainConfig) -> dict:
     after caches were written stay out while they are off, so a new option does not retrain every
     cached teacher."""
     d = config_to_dict(train_cfg)
+    d.pop("checkpoint_min_s", None)  # when checkpoints are written changes nothing the cache holds
     for name, off in (("ema", 0.0),):
         if d.get(name) == off:
             d.pop(name)

@@ -32,6 +32,7 @@ from kdshield.config import cfg_field, check_choice, check_range, config_to_dict
 from kdshield.data.batching import BatchDataset, Encoded, encode_dataset, epoch_batches
 from kdshield.errors import RunStateError
 from kdshield.inference import resolve_precision
+from kdshield.profiling import phase
 from kdshield.results import settings_diff, settings_hash
 from kdshield.training.losses import cross_entropy
 
@@ -61,6 +62,11 @@ class TrainConfig:
     precision: str = cfg_field("auto", help="auto = bf16 autocast where the CPU/GPU supports it, else fp32.",
                                choices=["auto", "bf16", "fp32"])
     checkpoint_every: int = cfg_field(50, help="Optimizer steps between checkpoints (0 = epoch ends only).")
+    checkpoint_min_s: float = cfg_field(120.0, help="Skip a step checkpoint while the last one is younger than this "
+                                                    "many seconds (epoch ends always checkpoint): a killed run "
+                                                    "loses at most this much work, and a fast run does not spend "
+                                                    "its time writing optimizer states. 0 = every checkpoint_every "
+                                                    "steps.")
     eval_every: int = cfg_field(0, help="Optimizer steps between dev evaluations (0 = epoch ends only).")
     select_best: bool = cfg_field(True, help="Keep the weights of the best dev evaluation, not the last.")
     ema: float = cfg_field(0.0, help="Exponential moving average of the trainable weights, decay per optimizer "
@@ -80,6 +86,7 @@ class TrainConfig:
         check_range("train.max_length", self.max_length, 2, 100_000)
         check_choice("train.precision", self.precision, ["auto", "bf16", "fp32"])
         check_range("train.checkpoint_every", self.checkpoint_every, 0, None)
+        check_range("train.checkpoint_min_s", self.checkpoint_min_s, 0, None)
         check_range("train.eval_every", self.eval_every, 0, None)
         check_range("train.bucket_batches", self.bucket_batches, 1, 100_000)
         check_range("train.ema", self.ema, 0, 1, hi_open=True)
@@ -229,6 +236,8 @@ def check_saved_settings(where: Path, saved: dict | None, settings: dict) -> Non
 
 
 OPTIMIZER_FILES = ("optimizer.pt", "rng.safetensors")
+# when checkpoints are written does not change what a run computes: left out of its settings
+CHECKPOINT_OPTIONS = ("checkpoint_every", "checkpoint_min_s")
 
 
 class Checkpointer:
@@ -247,7 +256,10 @@ class Checkpointer:
              ema: dict | None = None) -> None:
         if self.dir is None:
             return
+        with phase("checkpoint"):
+            self._save(model, optimizer, scheduler, state, best, ema)
 
+    def _save(self, model, optimizer, scheduler, state: dict, best: dict | None, ema: dict | None) -> None:
         def write(tmp: Path) -> None:
             save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
             if best is not None:
@@ -323,7 +335,7 @@ def run_settings_of(config: TrainConfig, encoded: Encoded, model: torch.nn.Modul
     """What a training run is: its optimisation settings (checkpoint spacing left out: it does not
     change the result), the exact tokenised data, the trainable parameters' names and shapes (so an
     adapter of another rank never loads into this run), and the caller's own settings."""
-    train = {k: v for k, v in config_to_dict(config).items() if k != "checkpoint_every"}
+    train = {k: v for k, v in config_to_dict(config).items() if k not in CHECKPOINT_OPTIONS}
     params = [[n, list(p.shape)] for n, p in model.named_parameters() if p.requires_grad]
     return {"train": train, "data": _data_digest(encoded), "trainable": settings_hash(params), **(extra or {})}
 
@@ -356,7 +368,8 @@ def train(model: torch.nn.Module, train_data: Dataset, config: TrainConfig, *, t
     tokenizer = tokenizer or getattr(model, "tokenizer", None)
     if tokenizer is None:
         raise ValueError("train() needs a tokenizer (model.tokenizer or tokenizer=...)")
-    encoded = encode_dataset(tokenizer, train_data, config.max_length, extra_columns)
+    with phase("encode"):
+        encoded = encode_dataset(tokenizer, train_data, config.max_length, extra_columns)
     lengths = encoded.lengths()
     n_batches = math.ceil(len(encoded) / config.batch_size)
     per_process = math.ceil(n_batches / accelerator.num_processes)
@@ -416,7 +429,7 @@ def train(model: torch.nn.Module, train_data: Dataset, config: TrainConfig, *, t
         if ema is not None:
             load_trainable(unwrapped, ema)  # evaluate what training would return
         model.eval()
-        with torch.no_grad(), accelerator.autocast():
+        with phase("dev eval"), torch.no_grad(), accelerator.autocast():
             metrics = dict(eval_fn(unwrapped))
         model.train()
         metrics.update(step=step, epoch=epoch, at=tag)
@@ -433,6 +446,7 @@ def train(model: torch.nn.Module, train_data: Dataset, config: TrainConfig, *, t
         return bool(stop_fn and stop_fn(metrics))
 
     saved_step = step if resume_dir.exists() and resume else None
+    last_saved = time.perf_counter()
     model.train()
     bar = tqdm(total=total_steps, initial=step, desc=desc, disable=not accelerator.is_main_process,
                mininterval=2 if os.environ.get("CI") is None else 30, dynamic_ncols=True)
@@ -447,21 +461,22 @@ def train(model: torch.nn.Module, train_data: Dataset, config: TrainConfig, *, t
         t0 = time.perf_counter()
         pending = 0
         for batch in loader:
-            batch = {k: v.to(accelerator.device) for k, v in batch.items()}
-            with accelerator.autocast():
-                loss, logs = loss_fn(model, batch)
-            accelerator.backward(loss / config.grad_accum)
-            pending += 1
-            batches_done += accelerator.num_processes
-            result.examples_seen += len(batch["labels"]) * accelerator.num_processes
-            last = batches_done >= len(batches)
-            if pending < config.grad_accum and not last:
-                continue
-            if config.max_grad_norm > 0:
-                accelerator.clip_grad_norm_(params, config.max_grad_norm)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+            with phase("train step"):
+                batch = {k: v.to(accelerator.device) for k, v in batch.items()}
+                with accelerator.autocast():
+                    loss, logs = loss_fn(model, batch)
+                accelerator.backward(loss / config.grad_accum)
+                pending += 1
+                batches_done += accelerator.num_processes
+                result.examples_seen += len(batch["labels"]) * accelerator.num_processes
+                last = batches_done >= len(batches)
+                if pending < config.grad_accum and not last:
+                    continue
+                if config.max_grad_norm > 0:
+                    accelerator.clip_grad_norm_(params, config.max_grad_norm)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
             pending = 0
             step += 1
             if ema is not None:
@@ -470,11 +485,12 @@ def train(model: torch.nn.Module, train_data: Dataset, config: TrainConfig, *, t
             bar.set_postfix({k: f"{float(v):.4f}" for k, v in logs.items()}, refresh=False)
             if config.eval_every and step % config.eval_every == 0 and not last:
                 stop = evaluate(f"step {step}")
-            if config.checkpoint_every and step % config.checkpoint_every == 0 and not last:
+            if config.checkpoint_every and step % config.checkpoint_every == 0 and not last \
+                    and time.perf_counter() - last_saved >= config.checkpoint_min_s:
                 result.train_s += time.perf_counter() - t0
                 t0 = time.perf_counter()
                 ckpt.save(unwrapped, optimizer, scheduler, snapshot_state(), best, ema)
-                saved_step = step
+                saved_step, last_saved = step, time.perf_counter()
             if stop:
                 break
         result.train_s += time.perf_counter() - t0
