@@ -36,7 +36,11 @@ def add_run_args(parser: argparse.ArgumentParser, *, out_default: str | None = N
                                                          "command-line options override it")
     parser.add_argument("--out", default=out_default, required=out_default is None, metavar="DIR",
                         help="output directory (checkpoints, model, report)")
-    parser.add_argument("--resume", action="store_true", help="continue a killed run from its last checkpoint")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue a killed run from its last checkpoint, or reuse a finished one; only with "
+                             "the settings it was made with")
+    parser.add_argument("--fresh", action="store_true",
+                        help="replace the run in DIR (its outputs are removed; DIR/results.jsonl is kept)")
     parser.add_argument("--results", metavar="JSONL", help="also append the results record to this file "
                                                            "(default: DIR/results.jsonl)")
 
