@@ -435,3 +435,12 @@ def config_to_dict(cfg: Any) -> dict:
         return v
 
     return conv(cfg)
+
+
+def parse_yaml_value(text: str, what: str) -> Any:
+    """``text`` as a YAML value (``--set KEY=VALUE``'s VALUE); ConfigError naming ``what`` when it is
+    not valid YAML, instead of a yaml traceback."""
+    try:
+        return _parse_yaml(text)
+    except argparse.ArgumentTypeError as err:
+        raise ConfigError(f"{what}: {err}") from None
