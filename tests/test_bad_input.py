@@ -179,11 +179,6 @@ class Case:
         return pytest.param(self, id=self.id, marks=self.marks)
 
 
-def lead(command: str) -> list:
-    """Rows that pass once cli/<command>.py calls cli.common.check_output_dir(args.out) first."""
-    return [pytest.mark.xfail(strict=True, reason=f"cli/{command}.py does not call check_output_dir yet")]
-
-
 CASES = [
     # 1. --config sections: a misspelled section is an error, never ignored
     Case("yaml-misspelled-section", lambda env: finetune(env, "--config", env.yaml("trian:\n  epochs: 1\n")),
@@ -291,7 +286,7 @@ CASES = [
          ["cannot create the directory"]),
     Case("defend-out-is-a-file", lambda env: defend(env, "--out", env.csv), ["is an existing file"]),
     Case("bench-out-under-a-file", lambda env: bench(env, "", "--out", str(env.csv / "r.jsonl")),
-         ["is an existing file"], marks=lead("bench")),
+         ["is an existing file"]),
     Case("bench-set-malformed-yaml", lambda env: bench(env, "", "--set", "seeds=[0"),
          ["--set", "is not valid YAML"], marks=[pytest.mark.xfail(
              strict=True, reason="cli/bench.py parse_overrides: use config.parse_yaml_value")]),
