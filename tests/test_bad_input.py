@@ -288,11 +288,9 @@ CASES = [
     Case("bench-out-under-a-file", lambda env: bench(env, "", "--out", str(env.csv / "r.jsonl")),
          ["is an existing file"]),
     Case("bench-set-malformed-yaml", lambda env: bench(env, "", "--set", "seeds=[0"),
-         ["--set", "is not valid YAML"], marks=[pytest.mark.xfail(
-             strict=True, reason="cli/bench.py parse_overrides: use config.parse_yaml_value")]),
+         ["--set", "is not valid YAML"]),
     Case("bench-method-config-unknown-option", lambda env: bench(env, "method_config: {lora: {rr: 1}}\n"),
-         ["unknown option 'rr'"], marks=[pytest.mark.xfail(
-             strict=True, reason="bench.py: build method_config with build_config in GridConfig.__post_init__")]),
+         ["unknown option 'rr'"]),
     # 8. evaluate: the data's labels must be the model's classes, in its order
     Case("evaluate-label-map-permutes-classes",
          lambda env: evaluate(env, "--label-map", "{positive: 0, negative: 1}"),

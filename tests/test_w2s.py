@@ -14,7 +14,6 @@ from kdshield.data.core import TaskData
 from kdshield.defenses import DEFENSES, DefenseContext
 from kdshield.defenses.w2s import (
     W2SConfig,
-    insert_spans,
     make_w2s_loss_fn,
     prepare_teacher,
     w2s_loss,
@@ -77,23 +76,10 @@ def test_config_validation():
     assert W2SConfig() == W2SConfig.from_preset("embedded")  # the defaults are the tuned embedded preset
     with pytest.raises(ConfigError, match="w2s.lora_r"):
         W2SConfig(lora_r=0)
-    with pytest.raises(ConfigError, match="w2s.insert_share"):
-        W2SConfig(insert_share=1.5)
-
-
-def test_insert_spans_puts_other_rows_words_inside_and_is_seeded():
-    texts = [" ".join(f"w{i}_{k}" for k in range(10)) for i in range(20)]
-    assert insert_spans(texts, 0.0, seed=0) == texts
-    out = insert_spans(texts, 1.0, seed=0)
-    assert out == insert_spans(texts, 1.0, seed=0) and out != insert_spans(texts, 1.0, seed=1)
-    for i, (old, new) in enumerate(zip(texts, out)):
-        words, added = new.split(), len(new.split()) - 10
-        assert 3 <= added <= 8
-        assert words[0] == old.split()[0] and words[-1] == old.split()[-1]  # interior boundary
-        foreign = [w for w in words if not w.startswith(f"w{i}_")]
-        assert len(foreign) == added and len({w.split("_")[0] for w in foreign}) == 1  # one other row's span
-    half = insert_spans(texts, 0.5, seed=0)
-    assert 0 < sum(a != b for a, b in zip(texts, half)) < len(texts)
+    # the tuning history's knobs are gone from the method's config (docs/w2sdefense.md says what they did)
+    for removed in ("insert_share", "ema", "feature_norm", "select"):
+        with pytest.raises(TypeError):
+            W2SConfig(**{removed: None})
 
 
 def test_student_adapter_overrides_only_lora():
@@ -186,31 +172,22 @@ def test_w2s_end_to_end_tiny(tiny_llama_dir, tiny_bert_dir, toy_dataset, tmp_pat
 def test_w2s_keeps_last_weights_and_logs_dev_asr(tiny_llama_dir, tiny_bert_dir, toy_dataset, tmp_path):
     from safetensors.torch import load_file
 
-
     task = _task(toy_dataset)
-    cfg = dict(teacher=str(tiny_bert_dir), teacher_epochs=1, lr=5e-3, epochs=3, lora_r=4, lora_alpha=8.0,
-               head_refit=False)  # the refit replaces the head after selection (tested on its own below)
-    kept = {}
-    for select in ("last", "best"):
-        ctx = DefenseContext(student=str(tiny_llama_dir), task=task, output_dir=tmp_path / select,
-                             train=TrainConfig(epochs=3, batch_size=8, precision="fp32"),
-                             adapter=AdapterConfig(kind="lora", r=4), attack=AttackConfig(attack="badnet"))
-        res = DEFENSES.get("w2s")().run(ctx, W2SConfig(select=select, **cfg))
-        history = res.logs["train"]["history"]
-        assert [h["epoch"] for h in history] == [1, 2, 3] and all("asr" in h for h in history)  # per epoch
-        if select == "last":  # the returned student is the last epoch's: its dev metrics are the last entry
-            dev = evaluate_model(res.model, task, AttackConfig(attack="badnet"), split="dev")
-            assert history[-1]["asr"] == pytest.approx(dev["asr"]) and history[-1]["ca"] == pytest.approx(dev["ca"])
-        ckpt = tmp_path / select / "train" / "checkpoint"
-        params = dict(res.model.named_parameters())
-        last = load_file(str(ckpt / "trainable.safetensors"))
-        kept[select] = all(torch.equal(params[n].detach().cpu(), v) for n, v in last.items())
-        if select == "best":
-            best_epoch = res.logs["train"]["best_step"] // 6
-    assert kept["last"]  # the final student of Algorithm 1, whatever dev CA says
-    assert kept["best"] == (best_epoch == 3)
-    with pytest.raises(ConfigError, match="w2s.select"):
-        W2SConfig(select="first")
+    cfg = W2SConfig(teacher=str(tiny_bert_dir), teacher_epochs=1, lr=5e-3, epochs=3, lora_r=4, lora_alpha=8.0,
+                    head_refit=False)  # the refit replaces the head after training (tested on its own below)
+    ctx = DefenseContext(student=str(tiny_llama_dir), task=task, output_dir=tmp_path / "run",
+                         train=TrainConfig(epochs=3, batch_size=8, precision="fp32", select_best=True),
+                         adapter=AdapterConfig(kind="lora", r=4), attack=AttackConfig(attack="badnet"))
+    res = DEFENSES.get("w2s")().run(ctx, cfg)
+    history = res.logs["train"]["history"]
+    assert [h["epoch"] for h in history] == [1, 2, 3] and all("asr" in h for h in history)  # per epoch
+    # the returned student is the last epoch's (even with --train.select-best): its dev metrics are the last entry
+    assert res.train.config["select_best"] is False
+    dev = evaluate_model(res.model, task, AttackConfig(attack="badnet"), split="dev")
+    assert history[-1]["asr"] == pytest.approx(dev["asr"]) and history[-1]["ca"] == pytest.approx(dev["ca"])
+    last = load_file(str(tmp_path / "run" / "train" / "checkpoint" / "trainable.safetensors"))
+    params = dict(res.model.named_parameters())
+    assert all(torch.equal(params[n].detach().cpu(), v) for n, v in last.items())
 
 
 def test_w2s_seed_changes_the_student_not_the_teacher(tiny_llama_dir, tiny_bert_dir, toy_dataset, tmp_path,
@@ -230,8 +207,8 @@ def test_w2s_seed_changes_the_student_not_the_teacher(tiny_llama_dir, tiny_bert_
     same = all(torch.equal(v, runs[0][0][n]) for n, v in runs[None][0].items())
     other = all(torch.equal(v, runs[1][0][n]) for n, v in runs[None][0].items())
     assert same and not other  # seed none follows --train.seed (0); seed 1 trains another student
-    ran = {k: res.train.config[k] for k in ("lr", "epochs", "schedule", "seed", "select_best", "ema")}
-    assert ran == {"lr": 5e-3, "epochs": 1, "schedule": "linear", "seed": 1, "select_best": False, "ema": 0.0}
+    ran = {k: res.train.config[k] for k in ("lr", "epochs", "schedule", "seed", "select_best")}
+    assert ran == {"lr": 5e-3, "epochs": 1, "schedule": "linear", "seed": 1, "select_best": False}
     with pytest.raises(ConfigError, match="w2s.seed"):
         W2SConfig(seed=-1)
 
@@ -247,30 +224,6 @@ def test_w2s_schedule_overrides_the_shared_one(tiny_llama_dir, tiny_bert_dir, to
     assert res.train.config["schedule"] == "constant"
     with pytest.raises(ConfigError, match="w2s.schedule"):
         W2SConfig(schedule="step")
-
-
-def test_w2s_insert_share_trains_on_augmented_rows_in_the_same_order(tiny_llama_dir, tiny_bert_dir, toy_dataset,
-                                                                     tmp_path, monkeypatch):
-    import kdshield.defenses.w2s as w2s
-
-    task = _task(toy_dataset)
-    seen = {}
-    real = w2s.peft_finetune
-
-    def spy(*args, train_data=None, **kwargs):
-        seen["texts"], seen["labels"] = list(train_data["text"]), list(train_data["label"])
-        return real(*args, train_data=train_data, **kwargs)
-
-    monkeypatch.setattr(w2s, "peft_finetune", spy)
-    ctx = DefenseContext(student=str(tiny_llama_dir), task=task, output_dir=tmp_path / "run",
-                         train=TrainConfig(epochs=1, batch_size=8, precision="fp32"),
-                         adapter=AdapterConfig(kind="lora", r=4))
-    cfg = W2SConfig(teacher=str(tiny_bert_dir), teacher_epochs=1, lr=5e-3, epochs=1, lora_r=4, lora_alpha=8.0,
-                    insert_share=1.0)
-    DEFENSES.get("w2s")().run(ctx, cfg)
-    clean = task.split("train")
-    assert seen["labels"] == list(clean["label"])  # row i is still row i: the teacher's cached outputs line up
-    assert all(len(a.split()) > len(b.split()) for a, b in zip(seen["texts"], clean["text"]))
 
 
 def test_head_refit_drops_weights_on_directions_clean_data_leaves_unused():

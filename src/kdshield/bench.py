@@ -26,7 +26,7 @@ from pathlib import Path
 
 from kdshield.attacks.config import AttackConfig, attack_name, poisoned_proxy
 from kdshield.attacks.weight_poisoning import poison_settings, weight_poison
-from kdshield.config import cfg_field, check_range, config_to_dict
+from kdshield.config import build_config, cfg_field, check_range, config_to_dict
 from kdshield.data import TaskData, load_task
 from kdshield.defenses import DEFENSES, DefenseContext
 from kdshield.defenses.back_translation import evaluate_eval_sets
@@ -35,6 +35,7 @@ from kdshield.evaluation import evaluate_model, peak_rss_mb, reset_peak_rss
 from kdshield.models.adapters import AdapterConfig
 from kdshield.models.classifier import load_classifier
 from kdshield.results import append_record, build_record, read_records, removal_rows, settings_hash
+from kdshield.runs import check_output_dir
 from kdshield.training.loop import CHECKPOINT_OPTIONS, TrainConfig
 
 log = logging.getLogger(__name__)
@@ -86,6 +87,13 @@ class GridConfig:
         unknown = [m for m in [*self.methods, *self.clean_methods] if m != "none" and m not in DEFENSES]
         if unknown:
             raise ConfigError(f"unknown methods {unknown}; available: none, {', '.join(DEFENSES.names())}")
+        for name, opts in self.method_config.items():  # every method's options checked before any work
+            if name not in DEFENSES:
+                raise ConfigError(f"method_config names an unknown method {name!r}; available: "
+                                  f"{', '.join(DEFENSES.names())}")
+            if opts is not None and not isinstance(opts, dict):
+                raise ConfigError(f"method_config.{name} must be a mapping of options, got {opts!r}")
+            build_config(DEFENSES.get(name).config_class, opts, prefix=f"method_config.{name}")
         check_range("epochs", self.epochs, 1, 1000)
         check_range("poison_epochs", self.poison_epochs, 1, 1000)
 
@@ -113,6 +121,8 @@ class GridRunner:
     def __init__(self, cfg: GridConfig):
         self.cfg = cfg
         self.out = Path(cfg.out)
+        check_output_dir(self.out.parent, "out")  # before any work, not after the first cell
+        check_output_dir(cfg.work_dir, "work_dir")
         self.done = {r["settings_hash"] for r in read_records(self.out) if r.get("settings_hash")} \
             if self.out.is_file() else set()
         self.records: list[dict] = []
@@ -205,7 +215,7 @@ class _Block:
         mcfg = planned = None
         if method != "none":
             defense = DEFENSES.get(method)
-            config = defense.config_class(**cfg.method_config.get(method, {}))
+            config = build_config(defense.config_class, cfg.method_config.get(method), prefix=f"method_config.{method}")
             mcfg = config_to_dict(config)
             planned = defense().planned_settings(DefenseContext(
                 student=self.common["student"], task=self.task, output_dir=self.work, train=self.peft_train,
@@ -230,7 +240,7 @@ class _Block:
         if key in self.runner.done:
             return
         defense = DEFENSES.get(method)
-        mcfg = defense.config_class(**cfg.method_config.get(method, {}))
+        mcfg = build_config(defense.config_class, cfg.method_config.get(method), prefix=f"method_config.{method}")
         root = pdir if pdir is not None else self.work / f"floor-{self.adapter.kind}"
         run_dir = root / f"{method}-{key[:8]}"
         victim_dir = None

@@ -23,18 +23,43 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from kdshield.errors import RunStateError
+from kdshield.errors import ConfigError, RunStateError
 from kdshield.results import canonical_json, settings_diff, settings_hash
 
 log = logging.getLogger(__name__)
 
 MANIFEST = "kdshield_run.json"
 KEPT_BY_FRESH = ("results.jsonl", "results.jsonl.corrupt")
+
+
+def check_output_dir(path: str | Path, what: str = "--out") -> Path:
+    """``path`` as a directory this process can write into, created if needed; ConfigError before any
+    work when it is a file, lies under a file, or is not writable (probed with a temporary file that
+    is removed again; nothing already in the directory is touched)."""
+    out = Path(path).expanduser()
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"{what} {out} is an existing file, not a directory; pass a directory path "
+                          "(a new one, or an earlier run's directory)")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ConfigError(f"{what} {out}: cannot create the directory ({err.strerror or err}); pass a "
+                          "directory path that is writable and not under an existing file") from None
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".kdshield-write-test-", dir=out)
+    except OSError as err:
+        raise ConfigError(f"{what} {out} is not writable ({err.strerror or err}); fix its permissions or "
+                          "pass another directory") from None
+    os.close(fd)
+    os.unlink(probe)
+    return out
 
 
 @dataclass
@@ -83,8 +108,6 @@ class RunDir:
 
     def open(self) -> RunDir:
         """Check the directory against this run's settings (see the module table), then claim it."""
-        from kdshield.cli.common import check_output_dir
-
         check_output_dir(self.path)
         found = self._read_manifest()
         if self.fresh:

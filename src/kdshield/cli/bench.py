@@ -11,10 +11,8 @@ from __future__ import annotations
 
 import argparse
 
-import yaml
-
 from kdshield.bench import GridConfig, format_table, run_grid, summary_rows
-from kdshield.config import build_config, load_yaml
+from kdshield.config import build_config, load_yaml, parse_yaml_value
 from kdshield.errors import ConfigError
 from kdshield.results import read_records
 
@@ -35,7 +33,7 @@ def parse_overrides(items: list[str]) -> dict:
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"--set {item!r}: expected KEY=VALUE")
-        out[key.strip().replace("-", "_")] = yaml.safe_load(value)
+        out[key.strip().replace("-", "_")] = parse_yaml_value(value, f"--set {item!r}")
     return out
 
 

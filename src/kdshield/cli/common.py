@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import argparse
 import difflib
-import os
-import tempfile
 from pathlib import Path
 
 from kdshield.attacks.config import AttackConfig
@@ -14,6 +12,7 @@ from kdshield.data import DataConfig, TaskData
 from kdshield.errors import ConfigError
 from kdshield.models.adapters import AdapterConfig
 from kdshield.models.loading import LoadOptions
+from kdshield.runs import check_output_dir  # noqa: F401  (the commands' import point)
 from kdshield.training.loop import TrainConfig
 
 
@@ -128,29 +127,6 @@ def results_path(args: argparse.Namespace) -> Path:
 def print_metrics(title: str, metrics: dict) -> None:
     parts = [f"{k.upper()} {100 * v:.1f}%" for k, v in metrics.items() if k in ("ca", "asr") and v is not None]
     print(f"{title}: " + ", ".join(parts))
-
-
-def check_output_dir(path: str | Path, what: str = "--out") -> Path:
-    """``path`` as a directory this process can write into, created if needed; ConfigError before any
-    work when it is a file, lies under a file, or is not writable (probed with a temporary file that
-    is removed again; nothing already in the directory is touched)."""
-    out = Path(path).expanduser()
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"{what} {out} is an existing file, not a directory; pass a directory path "
-                          "(a new one, or an earlier run's directory)")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise ConfigError(f"{what} {out}: cannot create the directory ({err.strerror or err}); pass a "
-                          "directory path that is writable and not under an existing file") from None
-    try:
-        fd, probe = tempfile.mkstemp(prefix=".kdshield-write-test-", dir=out)
-    except OSError as err:
-        raise ConfigError(f"{what} {out} is not writable ({err.strerror or err}); fix its permissions or "
-                          "pass another directory") from None
-    os.close(fd)
-    os.unlink(probe)
-    return out
 
 
 def check_trigger_options(attack: AttackConfig) -> None:

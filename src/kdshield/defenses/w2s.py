@@ -28,7 +28,6 @@ import dataclasses
 import hashlib
 import json
 import logging
-import random
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,7 +35,6 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from kdshield import assets
-from kdshield.attacks.triggers import insert_tokens
 from kdshield.config import cfg_field, check_choice, check_range, config_to_dict
 from kdshield.data import TaskData
 from kdshield.defenses.base import DEFENSES, Defense, DefenseContext, DefenseResult, Timer, finish
@@ -52,11 +50,8 @@ from kdshield.training.peft import peft_finetune
 
 log = logging.getLogger(__name__)
 
-FEATURE_NORMS = ("none", "l2", "rms")
-SELECTIONS = ("last", "best")
-
-# Loss weights from the paper / official code per attack family, and our tuned default for the
-# embedded assets (SmolLM2-135M student, MiniLM teacher; see benchmarks/W2S_TUNING.md).
+# Loss weights from the paper / official code per attack family, and our default for the embedded
+# assets (SmolLM2-135M student, MiniLM teacher); how each was measured: docs/w2sdefense.md.
 PRESETS: dict[str, dict] = {
     "embedded": {"alpha": 1.0, "beta": 1.0, "gamma": 0.01, "temperature": 2.0, "lr": 1e-3, "epochs": 4,
                  "lora_r": 16, "lora_alpha": 32.0, "head_refit": True},
@@ -71,45 +66,27 @@ PRESETS: dict[str, dict] = {
 
 @dataclass
 class W2SConfig:
-    """W2SDefense settings (paper section 3, Algorithm 1)."""
+    """W2SDefense settings (paper section 3, Algorithm 1). The student keeps its last weights
+    (Algorithm 1's final student) and aligns raw features (paper eq. 5)."""
 
     teacher: str = cfg_field("minilm-l6", help="Small clean teacher: builtin name, directory or hub id.")
     alpha: float = cfg_field(1.0, help="Weight of the student's cross-entropy on clean labels.")
     beta: float = cfg_field(1.0, help="Weight of the T^2-scaled KL distillation from the teacher.")
-    gamma: float = cfg_field(0.01, help="Weight of the per-example feature alignment.")
+    gamma: float = cfg_field(0.01, help="Weight of the per-example feature alignment (squared distance between "
+                                        "the student's pooled feature and the teacher's projected one).")
     temperature: float = cfg_field(2.0, help="Distillation temperature T.")
-    feature_norm: str = cfg_field("none", help="Features before alignment: none (paper), l2 (unit vectors), "
-                                              "rms (divided by their root-mean-square). Only none removed the "
-                                              "backdoor on the embedded assets: l2 matches directions and keeps "
-                                              "it (InSent ASR 54%%).",
-                                  choices=list(FEATURE_NORMS))
-    lr: float | None = cfg_field(1e-3, help="Student learning rate (none: use --train.lr). Feature alignment "
-                                            "needs the adapter to move features, not only the head.")
-    epochs: int | None = cfg_field(4, help="Student epochs (none: --train.epochs). Alignment needs more "
-                                           "passes than plain PEFT: on the embedded assets (with r 16) 4 epochs "
-                                           "removed 94%% of InSent's ASR above the floor; r 8 with 3 epochs 86%%.")
+    lr: float | None = cfg_field(1e-3, help="Student learning rate (none: --train.lr). Alignment needs the "
+                                            "adapter to move the features, not only the head.")
+    epochs: int | None = cfg_field(4, help="Student epochs (none: --train.epochs).")
     schedule: str | None = cfg_field(None, help="Student learning-rate schedule after warm-up: linear, constant "
                                                 "or cosine (none: --train.schedule).",
                                       choices=list(SCHEDULES))
-    ema: float | None = cfg_field(None, help="Moving average of the student's weights, decay per step (0: off; "
-                                             "none: --train.ema). 0.99 did not raise InSent's removal on the "
-                                             "embedded assets (benchmarks/W2S_TUNING.md).")
-    lora_r: int | None = cfg_field(16, help="LoRA rank of this defense's student adapter (default 16, tuned on the "
-                                            "embedded 135M student; the paper uses 512 on 8B students). none: the "
-                                            "shared --adapter.r. Only used when the adapter is LoRA.")
-    lora_alpha: float | None = cfg_field(32.0, help="LoRA alpha of this defense's adapter (default 32: scale 2, as "
-                                                    "r 8 / alpha 16). none: the shared --adapter.lora_alpha.")
-    select: str = cfg_field("last", help="Student weights to keep: last (Algorithm 1's final student) or best "
-                                         "(the epoch of highest dev CA). Dev CA cannot see the backdoor: an "
-                                         "SST-2 SynAttack run selected epoch 1, test ASR 46%%.",
-                      choices=list(SELECTIONS))
+    lora_r: int | None = cfg_field(16, help="LoRA rank of this defense's student adapter (none: the shared "
+                                            "--adapter.r). Only used when the adapter is LoRA.")
+    lora_alpha: float | None = cfg_field(32.0, help="LoRA alpha of this defense's adapter (none: the shared "
+                                                    "--adapter.lora_alpha).")
     seed: int | None = cfg_field(None, help="Seed of the student's training (adapter init, batch order); none: "
                                             "--train.seed. The teacher keeps --train.seed, so its cache is reused.")
-    insert_share: float = cfg_field(0.0, help="Experimental, not in the paper (0: off): share of the student's "
-                                              "training rows that get a random 3-8-word span of another training "
-                                              "row inserted at a word boundary, a trigger-agnostic augmentation; "
-                                              "the teacher's targets stay those of the unchanged row. 0.5 gave "
-                                              "no gain on average over 4 seeds of InSent (W2S_TUNING.md).")
     head_refit: bool = cfg_field(True, help="Not in the paper (its presets turn it off): after training, fit the "
                                            "student's output layer anew, from zero, on its pooled features of the "
                                            "clean training rows (L2-regularised logistic regression). The poisoned "
@@ -129,23 +106,18 @@ class W2SConfig:
         if self.alpha == self.beta == self.gamma == 0:
             raise ConfigError("w2s.alpha, beta and gamma are all 0: nothing to train on")
         check_range("w2s.temperature", self.temperature, 0, 100, lo_open=True)
-        check_choice("w2s.feature_norm", self.feature_norm, FEATURE_NORMS)
-        check_choice("w2s.select", self.select, SELECTIONS)
         if self.lr is not None:
             check_range("w2s.lr", self.lr, 0, 1, lo_open=True)
         if self.epochs is not None:
             check_range("w2s.epochs", self.epochs, 1, 1000)
         if self.schedule is not None:
             check_choice("w2s.schedule", self.schedule, SCHEDULES)
-        if self.ema is not None:
-            check_range("w2s.ema", self.ema, 0, 1, hi_open=True)
         if self.lora_r is not None:
             check_range("w2s.lora_r", self.lora_r, 1, 65536)
         if self.lora_alpha is not None:
             check_range("w2s.lora_alpha", self.lora_alpha, 0, 1e6, lo_open=True)
         if self.seed is not None:
             check_range("w2s.seed", self.seed, 0, 2**32 - 1)
-        check_range("w2s.insert_share", self.insert_share, 0, 1)
         check_range("w2s.head_refit_l2", self.head_refit_l2, 0, 1e4)
         check_range("w2s.teacher_epochs", self.teacher_epochs, 1, 100)
         check_range("w2s.teacher_lr", self.teacher_lr, 0, 1, lo_open=True)
@@ -168,28 +140,10 @@ def w2s_loss(student_logits, student_features, labels, teacher_logits, teacher_f
         loss = loss + cfg.beta * kd
         logs["kd"] = kd.detach()
     if cfg.gamma:
-        fa = feature_alignment(student_features, teacher_features, cfg.feature_norm)
+        fa = feature_alignment(student_features, teacher_features)
         loss = loss + cfg.gamma * fa
         logs["fa"] = fa.detach()
     return loss, logs
-
-
-def insert_spans(texts: list[str], share: float, seed: int, span: tuple[int, int] = (3, 8)) -> list[str]:
-    """``texts`` where a ``share`` of the rows carry a random ``span``-word piece of another row, inserted
-    as one block at a random interior word boundary (as InSent inserts its sentence). Deterministic
-    in ``seed``; rows are never given their own words."""
-    rng = random.Random(seed)
-    out = []
-    for i, text in enumerate(texts):
-        if len(texts) < 2 or rng.random() >= share:
-            out.append(text)
-            continue
-        j = rng.randrange(len(texts) - 1)
-        donor = texts[j + (j >= i)].split()
-        k = min(len(donor), rng.randint(*span))
-        start = rng.randint(0, len(donor) - k)
-        out.append(" ".join(insert_tokens(text.split(), donor[start:start + k], "random", rng)))
-    return out
 
 
 def _texts_digest(texts, labels) -> str:
@@ -323,9 +277,6 @@ class W2SDefense(Defense):
                 teacher = prepare_teacher(config, ctx.task, student.hidden_size, ctx.train, options=ctx.options)
             loss_fn = make_w2s_loss_fn(teacher.logits, teacher.features, config)
             train_data = ctx.task.split("train")
-            if config.insert_share:  # same rows in the same order: the cached teacher outputs still line up
-                texts = insert_spans(list(train_data["text"]), config.insert_share, train_cfg.seed)
-                train_data = train_data.remove_columns(["text"]).add_column("text", texts)
             with Timer() as t_student:
                 clf, res = peft_finetune(ctx.student, ctx.task, adapter, train_cfg, ctx.output_dir / "train",
                                          resume=ctx.resume, loss_fn=loss_fn, train_data=train_data,
@@ -333,7 +284,7 @@ class W2SDefense(Defense):
                                          run_settings={"student": str(ctx.student), "teacher": teacher.path.name,
                                                        "w2s": config_to_dict(config)})
                 refit = None
-                if config.head_refit:  # on the clean rows, never the augmented ones
+                if config.head_refit:
                     with Timer() as t_refit:
                         refit = refit_head(clf, ctx.task.split("train"), config.head_refit_l2,
                                            max_length=train_cfg.max_length, precision=train_cfg.precision)
@@ -351,8 +302,8 @@ class W2SDefense(Defense):
 def student_settings(ctx: DefenseContext, config: W2SConfig) -> tuple[TrainConfig, AdapterConfig]:
     """The student's training and adapter settings: the shared ones with this defense's own options."""
     overrides = {k: v for k, v in (("lr", config.lr), ("epochs", config.epochs), ("schedule", config.schedule),
-                                    ("ema", config.ema), ("seed", config.seed)) if v is not None}
-    train_cfg = dataclasses.replace(ctx.train, select_best=config.select == "best", **overrides)
+                                    ("seed", config.seed)) if v is not None}
+    train_cfg = dataclasses.replace(ctx.train, select_best=False, **overrides)  # the last student
     adapter = student_adapter(ctx.adapter if ctx.adapter is not None else AdapterConfig(), config)
     return train_cfg, adapter
 
