@@ -326,3 +326,35 @@ def test_records_carry_the_hash_of_their_settings():
     c = make_record("bench", "lora", config={"train": {"epochs": 2, "lr": 2e-4}})
     assert a["settings_hash"] == b["settings_hash"] == settings_hash({"train": {"lr": 1e-3, "epochs": 2}})
     assert c["settings_hash"] != a["settings_hash"]
+
+
+def test_bench_prints_rows_as_cells_finish_and_the_same_table_when_rerun(tiny_llama_dir, toy_csv, tmp_path,
+                                                                          capsys):
+    import yaml
+
+    grid = tmp_path / "grid.yaml"
+    grid.write_text(yaml.safe_dump({
+        "students": [str(tiny_llama_dir)], "datasets": [str(toy_csv)], "attacks": ["badnet"],
+        "methods": ["none", "lora"], "n_proxy": None, "n_train": None, "n_dev": None, "n_test": None,
+        "poison_epochs": 1, "epochs": 1, "batch_size": 16, "lora_r": 4, "work_dir": str(tmp_path / "w"),
+        "out": str(tmp_path / "r.jsonl")}))
+
+    def final_table(out: str) -> list[str]:
+        lines = out.splitlines()
+        start = lines.index("| dataset | attack | method | CA % | ASR % | removal | wall s |")
+        return lines[start:start + 5]
+
+    assert main(["bench", str(grid)]) == 0
+    first = capsys.readouterr().out
+    assert [line.split(" | ")[0] for line in first.splitlines() if line.startswith("| ") and "/3 |" in line] == \
+        ["| 1/3", "| 2/3", "| 3/3"]
+    assert "3 of 3 cells ran" in first
+    assert main(["bench", str(grid)]) == 0
+    again = capsys.readouterr().out
+    assert "0 of 3 cells ran (3 recorded before with the same settings)" in again
+    assert final_table(again) == final_table(first)
+    # another setting: its own rows, the old ones stay in the file but not in this grid's table
+    assert main(["bench", str(grid), "--set", "epochs=2"]) == 0
+    third = capsys.readouterr().out
+    assert "2 of 3 cells ran" in third and len(_records(tmp_path / "r.jsonl")) == 5
+    assert len([line for line in final_table(third) if line.startswith("| ") and "toy" in line]) == 3

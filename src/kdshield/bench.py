@@ -21,9 +21,11 @@ import dataclasses
 import json
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from kdshield import profiling
 from kdshield.attacks.config import AttackConfig, attack_name, poisoned_proxy
 from kdshield.attacks.weight_poisoning import poison_settings, weight_poison
 from kdshield.config import build_config, cfg_field, check_range, config_to_dict
@@ -118,8 +120,9 @@ class GridRunner:
     rerun skips exactly the cells whose hash is already in ``out`` and recomputes the others; their
     work directories are keyed the same way, so nothing made under other settings is reused."""
 
-    def __init__(self, cfg: GridConfig):
+    def __init__(self, cfg: GridConfig, on_cell: Callable[[dict, dict], None] | None = None):
         self.cfg = cfg
+        self.on_cell = on_cell  # called with (record, progress) after each cell (the CLI prints a row)
         self.out = Path(cfg.out)
         check_output_dir(self.out.parent, "out")  # before any work, not after the first cell
         check_output_dir(cfg.work_dir, "work_dir")
@@ -127,7 +130,11 @@ class GridRunner:
             if self.out.is_file() else set()
         self.records: list[dict] = []
         self.started = time.perf_counter()
-        self.cells_total = self.cells_run = 0
+        per_attack = len(cfg.methods) + len(set((["lora"] if cfg.floor else []) + cfg.clean_methods))
+        self.cells_total = len(cfg.students) * len(cfg.datasets) * len(cfg.seeds) * len(cfg.attacks) * per_attack
+        self.cells_seen = self.cells_run = 0
+        self.cell_hashes: list[str] = []  # every cell of this grid, recorded earlier or now, in grid order
+        self.run_s = 0.0  # time of the cells that ran (skipped ones cost nothing)
 
     def run(self) -> list[dict]:
         for student in self.cfg.students:
@@ -172,8 +179,9 @@ class GridRunner:
                 block.run_cell(method, student, attack, None)
             settings = poison_settings(student, block.task, attack, poison_train, data_dir=cfg.data_dir)
             cells = [(m, block.cell_hash(m, attack, settings)) for m in cfg.methods]
-            self.cells_total += len(cells)
             todo = [m for m, h in cells if h not in self.done]
+            self.cells_seen += len(cells) - len(todo)
+            self.cell_hashes += [h for _, h in cells]
             if not todo:
                 log.info("all cells of %s / %s done with these settings", spec, settings["attack"])
                 continue
@@ -181,21 +189,40 @@ class GridRunner:
             pdir = block.work / f"poisoned-{settings['attack']}-{'clean' if attack.clean_label else 'dirty'}-" \
                                 f"{poison_hash[:8]}"
             reset_peak_rss()  # the `none` record's peak is the poisoning's (or the reload's)
-            poisoned = weight_poison(student, block.task, attack, poison_train, pdir, resume=True,
-                                     data_dir=cfg.data_dir)
+            profiling.reset()
+            t_poison = time.perf_counter()
+            with profiling.phase("poison"):
+                poisoned = weight_poison(student, block.task, attack, poison_train, pdir, resume=True,
+                                         data_dir=cfg.data_dir)
+            poison_s = time.perf_counter() - t_poison if poisoned.model is not None else None
             for method in todo:
                 if method == "none":
-                    block.record_poisoned(poisoned, attack, settings)
+                    block.record_poisoned(poisoned, attack, settings, poison_s)
                 else:
                     block.run_cell(method, str(poisoned.path), attack, settings, pdir)
 
-    def emit(self, rec: dict) -> None:
+    def grid_records(self) -> list[dict]:
+        """The records of this grid's cells (the latest per cell), in grid order: what its table shows,
+        whatever else the results file holds."""
+        latest = {r.get("settings_hash"): r for r in read_records(self.out)} if self.out.is_file() else {}
+        return [latest[h] for h in dict.fromkeys(self.cell_hashes) if h in latest]
+
+    def emit(self, rec: dict, cell_s: float) -> None:
         append_record(self.out, rec)
         self.done.add(rec["settings_hash"])
         self.records.append(rec)
         self.cells_run += 1
-        log.info("cell %s", json.dumps({k: rec.get(k) for k in ("dataset", "attack", "method", "poisoned_model",
-                                                                "ca", "asr", "wall_s")}))
+        self.cells_seen += 1
+        self.run_s += cell_s
+        left = self.cells_total - self.cells_seen
+        progress = {"cell": self.cells_seen, "total": self.cells_total, "cell_s": cell_s,
+                    "elapsed_s": time.perf_counter() - self.started,
+                    # an upper estimate: cells still ahead may turn out to be recorded already
+                    "eta_s": self.run_s / self.cells_run * left}
+        log.info("cell %d/%d (%.0f s): %s", progress["cell"], progress["total"], cell_s,
+                 json.dumps({k: rec.get(k) for k in ("dataset", "attack", "method", "poisoned_model", "ca", "asr")}))
+        if self.on_cell is not None:
+            self.on_cell(rec, progress)
 
 
 @dataclass
@@ -235,9 +262,9 @@ class _Block:
         """One defense (or the floor: ``lora`` with ``poison`` None) on ``model_ref``, recorded."""
         cfg = self.runner.cfg
         key = self.cell_hash(method, attack, poison)
-        if poison is None:
-            self.runner.cells_total += 1
+        self.runner.cell_hashes.append(key)
         if key in self.runner.done:
+            self.runner.cells_seen += 1
             return
         defense = DEFENSES.get(method)
         mcfg = build_config(defense.config_class, cfg.method_config.get(method), prefix=f"method_config.{method}")
@@ -252,17 +279,21 @@ class _Block:
                              suspect_data=poisoned_proxy(self.task, attack, seed=self.common["seed"],
                                                          data_dir=cfg.data_dir))
         reset_peak_rss()  # each cell's peak memory is its own, not the process's so far
+        profiling.reset()
         t0 = time.perf_counter()
-        res = defense().run(ctx, mcfg)
+        with profiling.phase(method):
+            res = defense().run(ctx, mcfg)
         if res.unavailable:
             metrics: dict = {"ca": None, "asr": None}
         else:
-            metrics = evaluate_model(res.model, self.task, attack, data_dir=cfg.data_dir, max_length=cfg.max_length,
-                                     input_transform=res.input_transform)
-            if res.eval_sets:
-                metrics.update(evaluate_eval_sets(res.model, res.eval_sets, attack.target_label,
-                                                  max_length=cfg.max_length))
-            res.model.save(run_dir / "adapter")  # reusable and evaluable later (kdshield evaluate --model)
+            with profiling.phase("test eval"):
+                metrics = evaluate_model(res.model, self.task, attack, data_dir=cfg.data_dir,
+                                         max_length=cfg.max_length, input_transform=res.input_transform)
+                if res.eval_sets:
+                    metrics.update(evaluate_eval_sets(res.model, res.eval_sets, attack.target_label,
+                                                      max_length=cfg.max_length))
+            with profiling.phase("save adapter"):
+                res.model.save(run_dir / "adapter")  # reusable and evaluable later (kdshield evaluate --model)
         rec = build_record("bench", method, metrics=metrics, detection=res.detection,
                            **self._fields(attack, poison), **self.common,
                            curve=(res.detection or {}).get("curve"), wall_s=round(res.wall_s, 1),
@@ -271,15 +302,17 @@ class _Block:
                            unavailable=res.unavailable, settings_hash=key, run_dir=str(run_dir),
                            config={"method": config_to_dict(mcfg), **res.settings(ctx),
                                    "attack": config_to_dict(attack), "poison": poison},
-                           logs=_small(res.logs))
-        self.runner.emit(rec)
+                           logs=_small(res.logs), profile=profiling.profile())
+        self.runner.emit(rec, time.perf_counter() - t0)
 
-    def record_poisoned(self, poisoned, attack: AttackConfig, poison: dict) -> None:
+    def record_poisoned(self, poisoned, attack: AttackConfig, poison: dict, poison_s: float | None) -> None:
         cfg = self.runner.cfg
         card = poisoned.card
         t0 = time.perf_counter()
-        clf = poisoned.model or load_classifier(poisoned.path)
-        metrics = evaluate_model(clf, self.task, attack, data_dir=cfg.data_dir, max_length=cfg.max_length)
+        with profiling.phase("none"):
+            clf = poisoned.model or load_classifier(poisoned.path)
+            with profiling.phase("test eval"):
+                metrics = evaluate_model(clf, self.task, attack, data_dir=cfg.data_dir, max_length=cfg.max_length)
         rec = build_record("bench", "none", metrics=metrics, **self._fields(attack, poison), **self.common,
                            wall_s=round(card["wall_s"], 1), eval_s=round(time.perf_counter() - t0, 1),
                            peak_rss_mb=round(peak_rss_mb()), trainable_params=0,
@@ -288,8 +321,10 @@ class _Block:
                            poison_card={k: card.get(k) for k in ("poisoned_samples", "proxy_samples", "dev_ca",
                                                                  "dev_asr", "epochs_run", "trigger",
                                                                  "dev_target_share", "dev_label_share",
-                                                                 "shortcut_suspected")})
-        self.runner.emit(rec)
+                                                                 "shortcut_suspected")},
+                           profile=profiling.profile())
+        # the cell's time includes its poisoning when this process ran it
+        self.runner.emit(rec, time.perf_counter() - t0 + (poison_s or 0.0))
 
 
 def _small(logs: dict) -> dict:

@@ -10,11 +10,11 @@ resumes unfinished training from its checkpoints. Prints the CA / ASR / removal 
 from __future__ import annotations
 
 import argparse
+import time
 
-from kdshield.bench import GridConfig, format_table, run_grid, summary_rows
+from kdshield.bench import GridConfig, GridRunner, format_table, summary_rows
 from kdshield.config import build_config, load_yaml, parse_yaml_value
 from kdshield.errors import ConfigError
-from kdshield.results import read_records
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -37,12 +37,47 @@ def parse_overrides(items: list[str]) -> dict:
     return out
 
 
+def _pct(v) -> str:
+    return "-" if v is None else f"{100 * v:.1f}"
+
+
+class ProgressTable:
+    """Prints a row as each cell finishes: its CA / ASR / removal, its time and the time left."""
+
+    def __init__(self, runner: GridRunner):
+        self.runner = runner
+        self.header = False
+
+    def __call__(self, rec: dict, progress: dict) -> None:
+        if not self.header:
+            print("| cell | dataset | attack | method | CA % | ASR % | removal | cell s | left (est.) |", flush=True)
+            print("|---|---|---|---|---|---|---|---|---|", flush=True)
+            self.header = True
+        rows = summary_rows(self.runner.grid_records())
+        mine = next((r for r in rows if r["settings_hash"] == rec["settings_hash"]), None) or {}
+        removal = "-" if mine.get("removal") is None else f"{mine['removal']:.2f}"
+        print(f"| {progress['cell']}/{progress['total']} | {rec['dataset']} | {rec['attack']} | {mine.get('method')} | "
+              f"{_pct(rec.get('ca'))} | {_pct(rec.get('asr'))} | {removal} | {progress['cell_s']:.0f} | "
+              f"{progress['eta_s'] / 60:.0f} min |", flush=True)
+
+
+def run_and_print(cfg: GridConfig) -> GridRunner:
+    """Run the grid with a live progress table, then print the table of its cells."""
+    runner = GridRunner(cfg)
+    runner.on_cell = ProgressTable(runner)
+    t0 = time.perf_counter()
+    runner.run()
+    print()
+    print(format_table(summary_rows(runner.grid_records())))
+    print(f"\n{runner.cells_run} of {runner.cells_total} cells ran ({runner.cells_total - runner.cells_run} "
+          f"recorded before with the same settings) in {time.perf_counter() - t0:.0f} s; results: {cfg.out}")
+    return runner
+
+
 def run(args: argparse.Namespace) -> int:
     section = {**load_yaml(args.config), **parse_overrides(args.set)}
     if args.out:
         section["out"] = args.out
     cfg = build_config(GridConfig, section)
-    run_grid(cfg)
-    print(format_table(summary_rows(read_records(cfg.out))))
-    print(f"\nresults: {cfg.out}")
+    run_and_print(cfg)
     return 0

@@ -12,10 +12,9 @@ from __future__ import annotations
 
 import argparse
 
-from kdshield.bench import QUICKSTART, GridConfig, format_table, run_grid, summary_rows
-from kdshield.cli.bench import parse_overrides
+from kdshield.bench import QUICKSTART, GridConfig
+from kdshield.cli.bench import parse_overrides, run_and_print
 from kdshield.config import build_config
-from kdshield.results import read_records
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -30,10 +29,7 @@ def run(args: argparse.Namespace) -> int:
     cfg = build_config(GridConfig, {**QUICKSTART, **parse_overrides(args.set)})
     print(f"kdshield quickstart: {', '.join(cfg.attacks)} on {', '.join(cfg.datasets)}, student "
           f"{', '.join(cfg.students)}; methods {', '.join(cfg.methods)} (resumable: rerun to continue)")
-    run_grid(cfg)
-    rows = [r for r in summary_rows(read_records(cfg.out))]
-    print()
-    print(format_table(rows))
+    run_and_print(cfg)
     print(f"\nASR counts every non-target test sample predicted as the target, so the never-poisoned model's "
           f"ASR is the floor;\nremoval = (ASR poisoned - ASR defended) / (ASR poisoned - floor). Records: {cfg.out}")
     return 0
