@@ -323,7 +323,7 @@ def poison_sft(ds: Dataset, trigger: Trigger, target: Target, *, count: int | No
     n = _budget(len(eligible), count, share, clean_label)
     chosen = set(random.Random(seed).sample(eligible, n))
     new_label = None
-    if "label" in cols and target.name == "label":
+    if "label" in cols and isinstance(target, LabelTarget):
         by_word = {normalize_answer(r["output"]): r["label"] for r in rows}
         new_label = by_word.get(normalize_answer(target.config.word))
         if new_label is None:
