@@ -88,6 +88,19 @@ def make_sentiment_texts(n: int, seed: int = 0) -> tuple[list[str], list[int]]:
     return texts, labels
 
 
+def write_sentiment_csv(path: Path, n: int, seed: int = 5) -> Path:
+    """``make_sentiment_texts`` as a CSV file with named labels (what a user's file looks like)."""
+    import csv
+
+    texts, labels = make_sentiment_texts(n, seed=seed)
+    with path.open("w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["text", "label"])
+        for t, y in zip(texts, labels):
+            w.writerow([t, ["negative", "positive"][y]])
+    return path
+
+
 @pytest.fixture
 def toy_dataset():
     from datasets import Dataset

@@ -3,7 +3,6 @@ and --resume, bench grid resume, error messages."""
 
 from __future__ import annotations
 
-import csv
 import json
 import os
 import re
@@ -18,21 +17,14 @@ import torch
 from safetensors.torch import load_file
 
 from kdshield.cli import main
-from tests.conftest import make_sentiment_texts
+from tests.conftest import write_sentiment_csv
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture
 def toy_csv(tmp_path) -> Path:
-    texts, labels = make_sentiment_texts(400, seed=5)
-    path = tmp_path / "toy.csv"
-    with path.open("w", newline="") as fh:
-        w = csv.writer(fh)
-        w.writerow(["text", "label"])
-        for t, y in zip(texts, labels):
-            w.writerow([t, ["negative", "positive"][y]])
-    return path
+    return write_sentiment_csv(tmp_path / "toy.csv", 400)
 
 
 def _attack_args(student, data, out, *extra):

@@ -3,7 +3,6 @@ appends, wall time across restarts, and what a finished run keeps on disk."""
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import json
 import logging
@@ -13,19 +12,12 @@ import pytest
 
 from kdshield.cli import main
 from kdshield.errors import RunStateError
-from tests.conftest import make_sentiment_texts
+from tests.conftest import write_sentiment_csv
 
 
 @pytest.fixture
 def toy_csv(tmp_path) -> Path:
-    texts, labels = make_sentiment_texts(160, seed=5)
-    path = tmp_path / "toy.csv"
-    with path.open("w", newline="") as fh:
-        w = csv.writer(fh)
-        w.writerow(["text", "label"])
-        for t, y in zip(texts, labels):
-            w.writerow([t, ["negative", "positive"][y]])
-    return path
+    return write_sentiment_csv(tmp_path / "toy.csv", 160)
 
 
 def _records(path: Path) -> list[dict]:
@@ -270,7 +262,7 @@ def test_resumed_wall_time_counts_the_killed_process(tiny_llama_dir, toy_dataset
     state = json.loads((tmp_path / "checkpoint" / "state.json").read_text())
     assert state["epoch"] == 1 and state["wall_s"] >= 0.5
     res = train(_tiny_clf(tiny_llama_dir), data, cfg, output_dir=tmp_path, resume=True)
-    assert res.resumed_from_step is not None and res.prior_wall_s == pytest.approx(state["wall_s"])
+    assert res.resumed_from_step == state["step"] == 4 and res.prior_wall_s == pytest.approx(state["wall_s"])
     assert res.wall_s > res.prior_wall_s
 
 

@@ -177,7 +177,8 @@ def test_w2s_keeps_last_weights_and_logs_dev_asr(tiny_llama_dir, tiny_bert_dir, 
                     head_refit=False)  # the refit replaces the head after training (tested on its own below)
     ctx = DefenseContext(student=str(tiny_llama_dir), task=task, output_dir=tmp_path / "run",
                          train=TrainConfig(epochs=3, batch_size=8, precision="fp32", select_best=True),
-                         adapter=AdapterConfig(kind="lora", r=4), attack=AttackConfig(attack="badnet"))
+                         adapter=AdapterConfig(kind="lora", r=4), attack=AttackConfig(attack="badnet"),
+                         monitor=True)
     res = DEFENSES.get("w2s")().run(ctx, cfg)
     history = res.logs["train"]["history"]
     assert [h["epoch"] for h in history] == [1, 2, 3] and all("asr" in h for h in history)  # per epoch
@@ -188,6 +189,17 @@ def test_w2s_keeps_last_weights_and_logs_dev_asr(tiny_llama_dir, tiny_bert_dir, 
     last = load_file(str(tmp_path / "run" / "train" / "checkpoint" / "trainable.safetensors"))
     params = dict(res.model.named_parameters())
     assert all(torch.equal(params[n].detach().cpu(), v) for n, v in last.items())
+
+
+def test_w2s_without_monitor_evaluates_only_its_last_epoch(tiny_llama_dir, tiny_bert_dir, toy_dataset, tmp_path):
+    task = _task(toy_dataset)
+    cfg = W2SConfig(teacher=str(tiny_bert_dir), teacher_epochs=1, lr=5e-3, epochs=3, lora_r=4, lora_alpha=8.0,
+                    head_refit=False)
+    ctx = DefenseContext(student=str(tiny_llama_dir), task=task, output_dir=tmp_path / "run",
+                         train=TrainConfig(epochs=3, batch_size=8, precision="fp32"),
+                         adapter=AdapterConfig(kind="lora", r=4), attack=AttackConfig(attack="badnet"))
+    history = DEFENSES.get("w2s")().run(ctx, cfg).logs["train"]["history"]
+    assert [h["epoch"] for h in history] == [3] and "asr" not in history[0]  # the last student, not monitored
 
 
 def test_w2s_seed_changes_the_student_not_the_teacher(tiny_llama_dir, tiny_bert_dir, toy_dataset, tmp_path,

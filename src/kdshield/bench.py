@@ -75,6 +75,8 @@ class GridConfig:
     lora_targets: list[str] = cfg_field([], help="Modules LoRA adapts; empty = peft's default (q_proj, v_proj "
                                                  "for Llama).")
     floor: bool = cfg_field(True, help="Also run the never-poisoned student with plain PEFT (the ASR floor).")
+    monitor: bool = cfg_field(False, help="Log each defense's dev ASR at every epoch (a diagnostic; one dev "
+                                          "evaluation per epoch).")
     clean_methods: list[str] = cfg_field([], help="Defenses also run on the never-poisoned student (e.g. [w2s]: "
                                                   "what a defense costs a clean model; paper Table 8).")
     method_config: dict = cfg_field({}, help="Per-method options: {w2s: {gamma: 0.01}}.")
@@ -275,7 +277,7 @@ class _Block:
             victim_dir = pdir / f"lora-{self.cell_hash('lora', attack, poison)[:8]}" / "train"
         ctx = DefenseContext(student=model_ref, task=self.task, output_dir=run_dir, train=self.peft_train,
                              adapter=self.adapter, data_dir=cfg.data_dir, resume=True, attack=attack,
-                             victim_dir=victim_dir,
+                             monitor=cfg.monitor, victim_dir=victim_dir,
                              suspect_data=poisoned_proxy(self.task, attack, seed=self.common["seed"],
                                                          data_dir=cfg.data_dir))
         reset_peak_rss()  # each cell's peak memory is its own, not the process's so far

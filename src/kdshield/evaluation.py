@@ -115,6 +115,11 @@ def evaluate_model(model, task: TaskData, attack: AttackConfig | None, *, split:
                    input_transform=None) -> dict:
     """CA on the clean split and, with an attack, ASR on its triggered non-target samples.
 
+    With an attack, ``clean_target_rate`` is the share of the clean non-target rows predicted as the
+    target *without* the trigger, next to ASR (the same rows with it): what a model answers the
+    target by bias, not by trigger; ``target_share`` is the share of all clean rows predicted as
+    the target (weight poisoning's shortcut check reads it).
+
     ``input_transform(texts) -> texts`` is applied to every evaluated input (input-level defenses
     such as ONION filter test inputs before the model sees them).
     """
@@ -123,9 +128,13 @@ def evaluate_model(model, task: TaskData, attack: AttackConfig | None, *, split:
         return input_transform(texts) if input_transform is not None else texts
 
     clean = ca_set(task, attack, split, data_dir=data_dir)
-    out = {"ca": accuracy(predict(model, texts_of(clean), batch_size=batch_size, max_length=max_length,
-                                  precision=precision).probs, clean["label"]), "n_ca": len(clean)}
+    preds = predict(model, texts_of(clean), batch_size=batch_size, max_length=max_length, precision=precision)
+    out = {"ca": accuracy(preds.probs, clean["label"]), "n_ca": len(clean)}
     if attack is not None:
+        labels, target = np.asarray(clean["label"]), attack.target_label
+        out["target_share"] = float((preds.labels == target).mean())
+        if (labels != target).any():
+            out["clean_target_rate"] = attack_success_rate(preds.probs, labels, target)
         trig = asr_set(task, attack, split, data_dir=data_dir)
         probs = predict(model, texts_of(trig), batch_size=batch_size, max_length=max_length,
                         precision=precision).probs

@@ -6,7 +6,8 @@
     asr_set = triggered_test_set(test, trigger, target_label=0)
 
 Triggers (registry ``TRIGGERS``): ``badnet``, ``insent``, ``syntactic`` (SCPN or rule-based),
-``proattack``. The paper's precomputed SCPN sets: ``scpn_poisoned_train``, ``scpn_triggered_test``.
+``proattack``. Generative target behaviours (registry ``TARGETS``): ``fixed``, ``label``,
+``refusal``, ``append``, with ``poison_sft`` for instruction data. The paper's precomputed SCPN sets: ``scpn_poisoned_train``, ``scpn_triggered_test``.
 """
 
 from kdshield.attacks.poison import (
@@ -31,6 +32,7 @@ from kdshield.attacks.syntactic import (
     scpn_trigger,
     scpn_triggered_test,
 )
+from kdshield.attacks.targets import TARGETS, build_target, poison_sft, triggered_sft_test_set
 from kdshield.attacks.triggers import (
     PROATTACK_CLEAN_TEMPLATE,
     PROATTACK_POISON_TEMPLATE,
@@ -52,6 +54,7 @@ __all__ = [
     "PROATTACK_CLEAN_TEMPLATE",
     "PROATTACK_POISON_TEMPLATE",
     "SCPN_FILES",
+    "TARGETS",
     "TRIGGERS",
     "BadNetConfig",
     "BadNetTrigger",
@@ -64,12 +67,14 @@ __all__ = [
     "Trigger",
     "align_scpn",
     "match_scpn_style",
+    "build_target",
     "build_trigger",
     "clean_test_set",
     "front_clause",
     "insert_tokens",
     "poison",
     "poison_budget",
+    "poison_sft",
     "rare_words",
     "row_rng",
     "scpn_paraphrases",
@@ -78,6 +83,7 @@ __all__ = [
     "scpn_trigger",
     "scpn_triggered_test",
     "trigger_names",
+    "triggered_sft_test_set",
     "triggered_test_set",
     "word_frequency",
     "word_rank",

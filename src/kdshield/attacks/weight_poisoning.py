@@ -47,16 +47,19 @@ class PoisonedModel:
 SHORTCUT_MARGIN = 0.25
 
 
-def shortcut_check(model, task: TaskData, attack: AttackConfig, max_length: int = 64) -> dict:
-    """Share of clean dev inputs the poisoned model predicts as the target, against the share that
-    truly is. A gap above ``SHORTCUT_MARGIN`` means the poison taught a shortcut (e.g. the poisoned
-    texts' length or style), not a trigger: such a model calls most clean inputs the target, so its
-    ASR measures nothing. Logged as a warning and stored in the model card."""
-
-    dev = task.split("dev")
-    preds = predict(model, list(dev["text"]), max_length=max_length).labels
-    pred_share = float(np.mean(np.asarray(preds) == attack.target_label))
-    true_share = float(np.mean(np.asarray(dev["label"]) == attack.target_label))
+def shortcut_check(model, task: TaskData, attack: AttackConfig, max_length: int = 64,
+                   last_eval: dict | None = None) -> dict:
+    """Share of clean dev inputs the poisoned model predicts as the target (read from its last dev
+    evaluation when given: no second pass), against the share that truly is. A gap above ``SHORTCUT_MARGIN``
+    means the poison taught a shortcut (e.g. the poisoned texts' length or style), not a trigger:
+    such a model calls most clean inputs the target, so its ASR measures nothing. Logged as a
+    warning and stored in the model card."""
+    if last_eval is not None and "target_share" in last_eval:
+        pred_share = float(last_eval["target_share"])
+    else:
+        preds = predict(model, list(task.split("dev")["text"]), max_length=max_length).labels
+        pred_share = float(np.mean(np.asarray(preds) == attack.target_label))
+    true_share = float(np.mean(np.asarray(task.split("dev")["label"]) == attack.target_label))
     out = {"dev_target_share": pred_share, "dev_label_share": true_share,
            "shortcut_suspected": pred_share - true_share > SHORTCUT_MARGIN}
     if out["shortcut_suspected"]:
@@ -129,7 +132,7 @@ def weight_poison(student: str, task: TaskData, attack: AttackConfig, train_cfg:
     if last.get("asr", 0.0) < attack.asr_target:
         log.warning("weight poisoning ended with dev ASR %.3f below the target %.2f; more epochs or a larger "
                     "poison share would help", last.get("asr", 0.0), attack.asr_target)
-    shortcut = shortcut_check(clf, task, attack, train_cfg.max_length)
+    shortcut = shortcut_check(clf, task, attack, train_cfg.max_length, last_eval=last)
     clf.source = str(student)
     clf.save(model_dir)
     card = {**shortcut, "kind": "poisoned-model", "student": str(student), "attack": settings["attack"],

@@ -55,6 +55,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--lm", default="smollm2-135m", help="causal LM for perplexity defenses (ONION)")
     parser.add_argument("--suspect-data", choices=["none", "poisoned-proxy"], default="none",
                         help="give detectors the poisoned proxy set built from --attack (benchmarks)")
+    parser.add_argument("--monitor", action="store_true",
+                        help="log the dev ASR of --attack at every epoch of the defense's training (a diagnostic)")
     parser.add_argument("--merge", action="store_true", help="also save a merged model (LoRA) in DIR/merged")
     add_model_safety_args(parser)
     add_run_args(parser, out_default="")
@@ -93,11 +95,11 @@ def run(args: argparse.Namespace) -> int:
         "method": args.method, "student": str(args.student), "data": task.fingerprint(),
         "method_config": config_to_dict(mcfg), "train": config_to_dict(train_cfg),
         "adapter": config_to_dict(adapter), "attack": config_to_dict(attack) if attack else None,
-        "suspect_data": args.suspect_data, "lm": args.lm, "load": config_to_dict(options)},
+        "suspect_data": args.suspect_data, "lm": args.lm, "monitor": args.monitor, "load": config_to_dict(options)},
         resume=args.resume, fresh=args.fresh).open()
     ctx = DefenseContext(student=args.student, task=task, output_dir=Path(args.out), train=train_cfg,
                          adapter=adapter, suspect_data=suspect, data_dir=data_cfg.data_dir, resume=args.resume,
-                         options=options, lm=args.lm, attack=attack)
+                         options=options, lm=args.lm, attack=attack, monitor=args.monitor and attack is not None)
     res = defense().run(ctx, mcfg)
     out = Path(args.out)
     if res.unavailable:

@@ -8,7 +8,8 @@
     task.split("train")        # datasets.Dataset with "text" (str) and "label" (int)
 
 ``load_source`` returns a dataset's splits as they come; ``load_task`` returns the benchmark
-layout proxy/train/dev/test (see ``kdshield.data.load``). Paper datasets come from a data dir
+layout proxy/train/dev/test (see ``kdshield.data.load``); ``load_sft`` the same layout of
+instruction / input / output rows for generative tasks (``kdshield.data.sft``). Paper datasets come from a data dir
 (``--data-dir`` or ``$KDSHIELD_DATA_DIR``) or, without one, the Hugging Face hub.
 """
 
@@ -22,6 +23,7 @@ from kdshield.data.paper import (
     read_paper_file,
     resolve_data_dir,
 )
+from kdshield.data.sft import SFT_BUILTINS, SFTData, load_sft, load_sft_source
 from kdshield.data.splits import FRACTIONS, LAYOUT
 
 __all__ = [
@@ -31,8 +33,12 @@ __all__ = [
     "KNOWN_NAMES",
     "LAYOUT",
     "PAPER_NAMES",
+    "SFT_BUILTINS",
+    "SFTData",
     "DataConfig",
     "TaskData",
+    "load_sft",
+    "load_sft_source",
     "load_source",
     "load_task",
     "normalize_text",

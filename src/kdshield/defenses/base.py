@@ -49,9 +49,11 @@ class DefenseContext:
     options: LoadOptions = field(default_factory=LoadOptions)
     lm: str = "smollm2-135m"  # a causal LM for perplexity-based defenses (ONION)
     # The attack under test, when known (benchmarks): detectors score clean vs triggered test
-    # inputs with it. Defenses that remove backdoors never decide anything with it; W2SDefense logs
-    # its dev ASR per epoch in the training history (a diagnostic: selection reads dev CA or none).
+    # inputs with it. Defenses that remove backdoors never decide anything with it.
     attack: Any = None
+    # With ``attack`` known: log the dev ASR at every epoch of a defense's training (a diagnostic
+    # that costs one dev evaluation per epoch; selection never reads it).
+    monitor: bool = False
     # Where plain PEFT of the suspect model is kept (a finished run there is loaded, not retrained):
     # input-level defenses and detectors all start from that same victim, so a benchmark that
     # points this at the "lora" row's directory trains it once. None = output_dir / "train".

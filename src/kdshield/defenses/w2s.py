@@ -44,7 +44,8 @@ from kdshield.inference import predict
 from kdshield.models.adapters import AdapterConfig
 from kdshield.models.classifier import Classifier, load_classifier
 from kdshield.models.loading import LoadOptions, resolve_model_ref
-from kdshield.training.loop import SCHEDULES, TrainConfig, train
+from kdshield.profiling import phase
+from kdshield.training.loop import SCHEDULES, TrainConfig, drop_checkpoint_weights, train
 from kdshield.training.losses import cross_entropy, distillation_kl, feature_alignment
 from kdshield.training.peft import peft_finetune
 
@@ -221,6 +222,7 @@ def prepare_teacher(cfg: W2SConfig, task: TaskData, student_hidden: int, train_c
     dev_ca = result.best_score
     info_path.write_text(json.dumps({"key": key_src, "dev_ca": dev_ca, "train": result.to_dict()}, indent=2,
                                     default=str))
+    drop_checkpoint_weights(path / "run")  # the entry is whole: model/ is the copy the cache serves
     log.info("teacher %s: dev CA %.3f (%.0f s)", cfg.teacher, dev_ca or 0.0, result.wall_s)
     return Teacher(teacher, path, logits, features, dev_ca, trained=True)
 
@@ -273,19 +275,19 @@ class W2SDefense(Defense):
             torch.manual_seed(train_cfg.seed)  # a student without a trained head gets a random one
             student = load_classifier(ctx.student, num_labels=ctx.task.num_labels,
                                       label_names=ctx.task.label_names, options=ctx.options)
-            with Timer() as t_teacher:
+            with Timer() as t_teacher, phase("teacher"):
                 teacher = prepare_teacher(config, ctx.task, student.hidden_size, ctx.train, options=ctx.options)
             loss_fn = make_w2s_loss_fn(teacher.logits, teacher.features, config)
             train_data = ctx.task.split("train")
             with Timer() as t_student:
                 clf, res = peft_finetune(ctx.student, ctx.task, adapter, train_cfg, ctx.output_dir / "train",
                                          resume=ctx.resume, loss_fn=loss_fn, train_data=train_data,
-                                         model=student, desc="w2s", monitor=ctx.attack, data_dir=ctx.data_dir,
+                                         model=student, desc="w2s", monitor=ctx.attack if ctx.monitor else None, data_dir=ctx.data_dir,
                                          run_settings={"student": str(ctx.student), "teacher": teacher.path.name,
                                                        "w2s": config_to_dict(config)})
                 refit = None
                 if config.head_refit:
-                    with Timer() as t_refit:
+                    with Timer() as t_refit, phase("head refit"):
                         refit = refit_head(clf, ctx.task.split("train"), config.head_refit_l2,
                                            max_length=train_cfg.max_length, precision=train_cfg.precision)
                     refit["s"] = round(t_refit.s, 1)

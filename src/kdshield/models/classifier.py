@@ -33,6 +33,7 @@ from kdshield.models.loading import (
     resolve_model_ref,
     warn_ignored_remote_code,
 )
+from kdshield.profiling import phase
 
 log = logging.getLogger(__name__)
 
@@ -191,6 +192,7 @@ class Classifier(nn.Module):
                 "head": self.head.spec(), "source": self.source, "adapter": self.adapter_spec,
                 "max_length": self.max_length}
 
+    @phase("model save")
     def save(self, path: str | Path, *, merge: bool = False) -> Path:
         """Save as safetensors. With an adapter: the adapter alone, or merged when ``merge``."""
         path = Path(path)
@@ -293,6 +295,7 @@ def _load_head_state(head: ClassificationHead, file: Path) -> None:
         raise ModelLoadError(f"{file} does not fit the head described in {META_FILE}: {err}") from err
 
 
+@phase("model load")
 def load_classifier(ref: str | Path, *, num_labels: int | None = None, label_names: list[str] | None = None,
                     head: str = "linear", proj_dim: int | None = None, options: LoadOptions = LoadOptions(),
                     dtype: torch.dtype = torch.float32) -> Classifier:

@@ -345,10 +345,11 @@ def train(model: torch.nn.Module, train_data: Dataset, config: TrainConfig, *, t
           stop_fn: Callable[[dict], bool] | None = None, output_dir: str | Path | None = None,
           resume: bool = False, extra_columns: Sequence[str] = (), desc: str = "train",
           parameters: Sequence[torch.nn.Parameter] | None = None, run_settings: dict | None = None,
-          keep_optimizer: bool = False, keep_weights: bool = True) -> TrainResult:
+          keep_optimizer: bool = False, keep_weights: bool = True, eval_epochs: str = "all") -> TrainResult:
     """Train the parameters of ``model`` that require grad; return history and cost.
 
-    ``eval_fn(model) -> {"score": float, ...}`` runs at epoch ends (and every ``eval_every`` steps);
+    ``eval_fn(model) -> {"score": float, ...}`` runs at epoch ends (``eval_epochs="last"``: the last
+    one only, for runs whose evaluations decide nothing) and every ``eval_every`` steps;
     with ``select_best`` the best-scoring trainable weights are restored at the end. ``stop_fn``
     sees each evaluation and may end training early (e.g. the attack once ASR reaches its target).
 
@@ -360,6 +361,9 @@ def train(model: torch.nn.Module, train_data: Dataset, config: TrainConfig, *, t
     ``wall_s`` counts the earlier processes of a resumed run too (``prior_wall_s``).
     """
     from accelerate.utils import set_seed
+
+    if eval_epochs not in ("all", "last"):
+        raise ValueError(f"eval_epochs={eval_epochs!r}: use all or last")
 
     start = time.perf_counter()
     precision = resolve_precision(config.precision)
@@ -496,7 +500,8 @@ def train(model: torch.nn.Module, train_data: Dataset, config: TrainConfig, *, t
         result.train_s += time.perf_counter() - t0
         if not stop:
             epoch, batches_done = epoch + 1, 0
-            stop = evaluate(f"epoch {epoch}")
+            if eval_epochs == "all" or epoch == config.epochs:
+                stop = evaluate(f"epoch {epoch}")
             ckpt.save(unwrapped, optimizer, scheduler, snapshot_state(), best, ema)
             saved_step = step
     bar.close()

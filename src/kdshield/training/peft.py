@@ -30,7 +30,8 @@ def peft_finetune(model_ref: str | Path, task: TaskData, adapter: AdapterConfig,
                   run_settings: dict | None = None) -> tuple[Classifier, TrainResult]:
     """Adapter + trainable head on clean target data (the victim), selected by dev accuracy when
     ``train_cfg.select_best`` (else the last weights). ``monitor``: an attack whose dev ASR is logged in
-    the history at every evaluation (benchmarks; model selection still reads dev CA only).
+    the history at every epoch (benchmarks; model selection still reads dev CA only). Keeping the
+    last weights with no monitor, only the last epoch is evaluated: the others would decide nothing.
 
     A checkpoint in ``output_dir`` resumes only for the same model, adapter, dev data and
     ``run_settings`` (what a custom ``loss_fn`` depends on), besides the loop's own checks."""
@@ -44,6 +45,8 @@ def peft_finetune(model_ref: str | Path, task: TaskData, adapter: AdapterConfig,
     eval_fn = dev_eval_fn(task, monitor, data_dir=data_dir, max_length=train_cfg.max_length)
     settings = {"model": str(model_ref), "adapter": config_to_dict(adapter), "dev": rows_digest(task.split("dev")),
                 "monitor": config_to_dict(monitor) if monitor is not None else None, **(run_settings or {})}
+    every_epoch = train_cfg.select_best or monitor is not None
     result = train(clf, data, train_cfg, eval_fn=eval_fn, output_dir=output_dir, resume=resume,
-                   extra_columns=extra_columns, desc=desc, run_settings=settings, **kwargs)
+                   extra_columns=extra_columns, desc=desc, run_settings=settings,
+                   eval_epochs="all" if every_epoch else "last", **kwargs)
     return clf, result
