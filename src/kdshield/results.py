@@ -173,6 +173,8 @@ def build_record(run: str, method: str, *, task=None, attack_config=None, data_d
                    target_label=attack_config.target_label)
     metrics = metrics or {}
     out.update(ca=metrics.get("ca"), asr=metrics.get("asr"))
+    # the sizes behind the rates, and the target rate without the trigger (bias, not backdoor)
+    out.update({k: metrics[k] for k in ("n_ca", "n_asr", "clean_target_rate", "target_share") if k in metrics})
     det = detection or {}
     out.update(far=det.get("far"), frr=det.get("frr"))
     out.update(fields)
