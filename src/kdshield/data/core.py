@@ -34,8 +34,22 @@ Columns = dict[str, list]
 _INT_RE = re.compile(r"^[+-]?\d+$")
 
 
+class NamedSplits:
+    """``split(name)`` for a dataset type with ``name`` and ``splits`` (classification and SFT data)."""
+
+    name: str
+    splits: dict[str, datasets.Dataset]
+
+    def split(self, name: str) -> datasets.Dataset:
+        """The split called ``name``; DataError naming the available splits if there is none."""
+        if name not in self.splits:
+            raise DataError(f"dataset {self.name!r} has no split {name!r}; available: "
+                            f"{', '.join(self.splits) or '(none)'}")
+        return self.splits[name]
+
+
 @dataclass
-class TaskData:
+class TaskData(NamedSplits):
     """A classification dataset: named splits, label names, provenance and notes."""
 
     name: str
@@ -61,13 +75,6 @@ class TaskData:
     @property
     def num_labels(self) -> int:
         return len(self.label_names)
-
-    def split(self, name: str) -> datasets.Dataset:
-        """The split called ``name``; DataError naming the available splits if there is none."""
-        if name not in self.splits:
-            raise DataError(f"dataset {self.name!r} has no split {name!r}; available: "
-                            f"{', '.join(self.splits) or '(none)'}")
-        return self.splits[name]
 
     def fingerprint(self) -> dict[str, Any]:
         """A digest of every split's rows and the label names: two tasks with the same fingerprint

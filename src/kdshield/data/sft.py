@@ -45,6 +45,7 @@ from kdshield.assets import get_asset, locate_file
 from kdshield.data.builtin import RT_NAMES, load_rotten_tomatoes
 from kdshield.data.core import (
     Columns,
+    NamedSplits,
     check_max_chars,
     rows_digest,
     take,
@@ -119,7 +120,7 @@ def sft_dataset(cols: dict[str, list]) -> datasets.Dataset:
 
 
 @dataclass
-class SFTData:
+class SFTData(NamedSplits):
     """A generative dataset: named splits of SFT rows, label words for label tasks, provenance."""
 
     name: str
@@ -146,13 +147,6 @@ class SFTData:
     def utility(self) -> str:
         """The utility metric that fits: ``exact_match`` for label tasks, else ``rouge``."""
         return "exact_match" if self.is_label_task else "rouge"
-
-    def split(self, name: str) -> datasets.Dataset:
-        """The split called ``name``; DataError naming the available splits if there is none."""
-        if name not in self.splits:
-            raise DataError(f"dataset {self.name!r} has no split {name!r}; available: "
-                            f"{', '.join(self.splits) or '(none)'}")
-        return self.splits[name]
 
     def fingerprint(self) -> dict[str, Any]:
         """A digest of every split's rows: equal fingerprints mean the same data."""

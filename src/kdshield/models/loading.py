@@ -171,5 +171,5 @@ def warn_ignored_remote_code(path: str | Path, options: LoadOptions) -> None:
         shown = ", ".join(sorted(set(found))[:4])
         log.warning("%s ships its own model code in auto_map (%s); it was ignored because trust_remote_code is "
                     "off, and the model loads as the plain architecture of its model_type. Pass "
-                    "--trust-remote-code (LoadOptions(trust_remote_code=True)) only if you trust its source.",
+                    "--trust-remote-code (LoadOptions.trust_remote_code) only if you trust its source.",
                     directory, shown)
