@@ -247,6 +247,10 @@ def test_bedkd_lora_student_and_resume(poisoned, tmp_path, caplog):
     assert res.model.adapter_spec is not None and res.logs["student_adapter"] == "lora"
     assert res.trainable_params < sum(p.numel() for p in res.model.parameters()) / 2
     assert res.logs["lr"] == FP32.lr  # an adapter student takes --train.lr
+    ran = res.settings(ctx)  # what records store: only the shared settings the cycles used
+    assert ran["train"] == {"lr": FP32.lr, "max_length": FP32.max_length, "seed": FP32.seed,
+                            "precision": FP32.precision, "max_grad_norm": FP32.max_grad_norm}
+    assert ran["adapter"]["kind"] == "lora"
     # resume: the detection is reused and the finished cycles are not run again
     more = BeDKDConfig(**fast, cycles=3)
     with caplog.at_level(logging.INFO):

@@ -75,12 +75,19 @@ class DefenseResult:
     detection: dict | None = None  # {"far": .., "frr": .., "flagged": n, ...}
     unavailable: str | None = None  # e.g. "needs a translation model": the row says so, no number
     train: TrainResult | None = None  # the training run that made ``model`` (its settings: train.config)
+    # for a defense with its own training loop (BeDKD): the shared training settings it used, as run
+    train_settings: dict | None = None
     adapter: dict | None = None  # the adapter ``model`` carries (AdapterConfig fields); set by finish()
     eval_sets: dict[str, Dataset] | None = None  # replacement CA/ASR sets (precomputed back-translations)
 
     def settings(self, ctx: DefenseContext) -> dict:
         """The training and adapter settings that ran (the context's where the defense trained nothing)."""
-        train = self.train.config if self.train is not None and self.train.config else config_to_dict(ctx.train)
+        if self.train is not None and self.train.config:
+            train = self.train.config
+        elif self.train_settings is not None:
+            train = self.train_settings
+        else:
+            train = config_to_dict(ctx.train)
         adapter = self.adapter if self.adapter is not None else config_to_dict(ctx.adapter)
         return {"train": train, "adapter": adapter}
 

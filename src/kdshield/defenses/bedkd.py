@@ -418,4 +418,7 @@ class BeDKD(Defense):
                 "detection": summary, "suspect_source": source}
         detection_out = {"far": summary["far"], "frr": summary["frr"], "flagged": summary["flagged"],
                          "gamma": summary["gamma"], "curve": detection.curve}
-        return finish(DefenseResult(model=student, logs=logs, detection=detection_out), timer)
+        # BeDKD's cycles use these of the shared settings (batch size, epochs and schedule are its own)
+        used = {"lr": lr, "max_length": train_cfg.max_length, "seed": train_cfg.seed,
+                "precision": train_cfg.precision, "max_grad_norm": train_cfg.max_grad_norm}
+        return finish(DefenseResult(model=student, logs=logs, detection=detection_out, train_settings=used), timer)
