@@ -20,7 +20,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from kdshield.attacks.config import AttackConfig, attack_name, poisoned_proxy
+from kdshield.attacks.config import AttackConfig, poisoned_proxy
 from kdshield.cli.common import (
     add_data_args,
     add_model_safety_args,
@@ -29,17 +29,20 @@ from kdshield.cli.common import (
     build_attack,
     build_task,
     build_train,
+    check_output_dir,
     load_options,
     results_path,
     yaml_sections,
 )
 from kdshield.config import add_config_arguments, build_config, config_to_dict
 from kdshield.data import TaskData, load_source
+from kdshield.data.core import rows_digest
 from kdshield.defenses import DETECTORS, DefenseContext
 from kdshield.detection import suspect_set, write_detection
 from kdshield.errors import ConfigError, DataError
 from kdshield.models.adapters import AdapterConfig
-from kdshield.results import append_record, make_record
+from kdshield.results import append_record, build_record
+from kdshield.runs import RunDir
 from kdshield.training.loop import TrainConfig
 
 _TRUE = {"1", "true", "yes", "poisoned"}
@@ -129,6 +132,14 @@ def run(args: argparse.Namespace) -> int:
     else:
         suspect = None
     out = Path(args.out)
+    results = results_path(args)
+    check_output_dir(results.parent, "--results")
+    run_dir = RunDir(out, "detect", {
+        "method": args.method, "student": str(args.student), "data": task.fingerprint(),
+        "method_config": config_to_dict(mcfg), "train": config_to_dict(train_cfg), "adapter": config_to_dict(adapter),
+        "attack": config_to_dict(attack) if attack else None,
+        "suspect": rows_digest(suspect, ("text", "label")) if suspect is not None else None,
+        "load": config_to_dict(load_options(args))}, resume=args.resume, fresh=args.fresh).open()
     ctx = DefenseContext(student=args.student, task=task, output_dir=out, train=train_cfg, adapter=adapter,
                          suspect_data=suspect, data_dir=data_cfg.data_dir, resume=args.resume,
                          options=load_options(args))
@@ -142,12 +153,11 @@ def run(args: argparse.Namespace) -> int:
     print(line)
     print(f"scores and flags in {paths['scores']}" +
           (f"; FAR/FRR curve in {paths['plot']}" if "plot" in paths else ""))
-    append_record(results_path(args), make_record(
-        "detect", args.method, dataset=task.name, proxy=task.proxy, student=args.student,
-        attack=attack_name(attack, task, data_cfg.data_dir) if attack else None,
-        clean_label=attack.clean_label if attack else None, target_label=attack.target_label if attack else None,
-        adapter=mcfg.dmm_adapter if hasattr(mcfg, "dmm_adapter") else None, seed=train_cfg.seed,
-        far=s["far"], frr=s["frr"], flagged=s["flagged"], gamma=s["gamma"], n_samples=s["n"],
-        curve=result.curve, config={"method": config_to_dict(mcfg), "train": config_to_dict(train_cfg),
-                                    "attack": config_to_dict(attack) if attack else None}))
+    append_record(results, build_record(
+        "detect", args.method, task=task, attack_config=attack, data_dir=data_cfg.data_dir, detection=s,
+        student=args.student, adapter=mcfg.dmm_adapter if hasattr(mcfg, "dmm_adapter") else None,
+        seed=train_cfg.seed, flagged=s["flagged"], gamma=s["gamma"], n_samples=s["n"], curve=result.curve,
+        reused=run_dir.reused, config={"method": config_to_dict(mcfg), "train": config_to_dict(train_cfg),
+                                       "attack": config_to_dict(attack) if attack else None}))
+    run_dir.finish()
     return 0
