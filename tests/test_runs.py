@@ -349,4 +349,6 @@ def test_bench_prints_rows_as_cells_finish_and_the_same_table_when_rerun(tiny_ll
     assert main(["bench", str(grid), "--set", "epochs=2"]) == 0
     third = capsys.readouterr().out
     assert "2 of 3 cells ran" in third and len(_records(tmp_path / "r.jsonl")) == 5
+    rows = [line for line in third.splitlines() if line.startswith("| ") and "/3 |" in line]
+    assert len(rows) == 2 and rows[-1].endswith("| 0 min |")  # nothing left once the last cell to run is done
     assert len([line for line in final_table(third) if line.startswith("| ") and "toy" in line]) == 3

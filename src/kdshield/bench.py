@@ -137,13 +137,40 @@ class GridRunner:
         self.cells_seen = self.cells_run = 0
         self.cell_hashes: list[str] = []  # every cell of this grid, recorded earlier or now, in grid order
         self.run_s = 0.0  # time of the cells that ran (skipped ones cost nothing)
+        self.cells_to_run = 0  # cells of this grid without a record, counted before the first runs
 
     def run(self) -> list[dict]:
-        for student in self.cfg.students:
-            for spec in self.cfg.datasets:
-                for seed in self.cfg.seeds:
-                    self._run_block(student, spec, seed)
+        blocks = [self.make_block(student, spec, seed) for student in self.cfg.students
+                  for spec in self.cfg.datasets for seed in self.cfg.seeds]
+        self.cells_to_run = sum(h not in self.done for block in blocks for h in self._plan(block))
+        for block in blocks:
+            self._run_block(block)
         return self.records
+
+    def _plan(self, block: _Block) -> list[str]:
+        """The hashes of every cell of ``block`` (the progress estimate counts the unrecorded ones)."""
+        hashes = []
+        for att in self.cfg.attacks:
+            attack = self._attack(att)
+            hashes += [block.cell_hash(m, attack, None) for m in self._clean_methods()]
+            poison = poison_settings(block.common["student"], block.task, attack, self._poison_train(block),
+                                     data_dir=self.cfg.data_dir)
+            hashes += [block.cell_hash(m, attack, poison) for m in self.cfg.methods]
+        return hashes
+
+    def _attack(self, name: str) -> AttackConfig:
+        return AttackConfig(attack=name, clean_label=self.cfg.clean_label, asr_target=self.cfg.asr_target)
+
+    def _clean_methods(self) -> list[str]:
+        """Methods run on the never-poisoned student: the floor, then ``clean_methods``."""
+        cfg = self.cfg
+        return (["lora"] if cfg.floor else []) + [m for m in cfg.clean_methods if m != "lora"]
+
+    def _poison_train(self, block: _Block) -> TrainConfig:
+        cfg = self.cfg
+        return TrainConfig(epochs=cfg.poison_epochs, lr=cfg.poison_lr, batch_size=cfg.batch_size,
+                           max_length=cfg.max_length, seed=block.common["seed"], warmup_ratio=0.0,
+                           schedule="constant", select_best=False)
 
     # ------------------------------------------------------------------------------------------
     def make_block(self, student: str, spec: str, seed: int) -> _Block:
@@ -169,15 +196,13 @@ class GridRunner:
                       block_hash=block_hash)
         return _Block(self, task, work, adapter, peft_train, common, block)
 
-    def _run_block(self, student: str, spec: str, seed: int) -> None:
+    def _run_block(self, block: _Block) -> None:
         cfg = self.cfg
-        block = self.make_block(student, spec, seed)
-        poison_train = TrainConfig(epochs=cfg.poison_epochs, lr=cfg.poison_lr, batch_size=cfg.batch_size,
-                                   max_length=cfg.max_length, seed=seed, warmup_ratio=0.0, schedule="constant",
-                                   select_best=False)
+        student = block.common["student"]
+        poison_train = self._poison_train(block)
         for att in cfg.attacks:
-            attack = AttackConfig(attack=att, clean_label=cfg.clean_label, asr_target=cfg.asr_target)
-            for method in (["lora"] if cfg.floor else []) + [m for m in cfg.clean_methods if m != "lora"]:
+            attack = self._attack(att)
+            for method in self._clean_methods():
                 block.run_cell(method, student, attack, None)
             settings = poison_settings(student, block.task, attack, poison_train, data_dir=cfg.data_dir)
             cells = [(m, block.cell_hash(m, attack, settings)) for m in cfg.methods]
@@ -185,7 +210,8 @@ class GridRunner:
             self.cells_seen += len(cells) - len(todo)
             self.cell_hashes += [h for _, h in cells]
             if not todo:
-                log.info("all cells of %s / %s done with these settings", spec, settings["attack"])
+                log.info("all cells of %s / %s done with these settings", block.common["dataset"],
+                         settings["attack"])
                 continue
             poison_hash = settings_hash(settings)
             pdir = block.work / f"poisoned-{settings['attack']}-{'clean' if attack.clean_label else 'dirty'}-" \
@@ -216,10 +242,11 @@ class GridRunner:
         self.cells_run += 1
         self.cells_seen += 1
         self.run_s += cell_s
-        left = self.cells_total - self.cells_seen
+        left = max(0, self.cells_to_run - self.cells_run)
         progress = {"cell": self.cells_seen, "total": self.cells_total, "cell_s": cell_s,
                     "elapsed_s": time.perf_counter() - self.started,
-                    # an upper estimate: cells still ahead may turn out to be recorded already
+                    # the cells still to run, at the mean time of those run so far (a rough guide:
+                    # a W2SDefense cell takes about twice a LoRA cell)
                     "eta_s": self.run_s / self.cells_run * left}
         log.info("cell %d/%d (%.0f s): %s", progress["cell"], progress["total"], cell_s,
                  json.dumps({k: rec.get(k) for k in ("dataset", "attack", "method", "poisoned_model", "ca", "asr")}))
