@@ -21,7 +21,7 @@ from kdshield.errors import KDShieldError
 # Modules of this package that add subcommands, in the order they appear in --help.
 COMMAND_MODULES = [
     "quickstart", "assets", "data", "attack", "finetune", "defend", "detect", "evaluate", "bench",
-    "report",
+    "report", "plan",
 ]
 
 
