@@ -352,3 +352,17 @@ def test_bench_prints_rows_as_cells_finish_and_the_same_table_when_rerun(tiny_ll
     rows = [line for line in third.splitlines() if line.startswith("| ") and "/3 |" in line]
     assert len(rows) == 2 and rows[-1].endswith("| 0 min |")  # nothing left once the last cell to run is done
     assert len([line for line in final_table(third) if line.startswith("| ") and "toy" in line]) == 3
+
+
+def test_a_cell_shared_by_two_grids_takes_its_own_floor_else_the_grids_with_a_note():
+    from kdshield.results import removal_rows
+
+    base = dict(dataset="d", proxy="d", student="s", attack="badnet", seed=0, clean_label=True, tag="")
+    floor_a = {**base, "method": "lora", "poisoned_model": False, "asr": 0.2, "block_hash": "A"}
+    floor_b = {**base, "method": "lora", "poisoned_model": False, "asr": 0.1, "block_hash": "B"}
+    none = {**base, "method": "none", "poisoned_model": True, "asr": 1.0, "poison_hash": "P", "block_hash": "A"}
+    w2s = {**base, "method": "w2s", "poisoned_model": True, "asr": 0.2, "poison_hash": "P", "block_hash": "A"}
+    everything = removal_rows([floor_a, floor_b, none, w2s])[3]
+    assert everything["removal"] == pytest.approx(1.0) and everything["note"] is None  # its own block's floor
+    grid_b = removal_rows([floor_b, none, w2s])[2]  # grid B reused the w2s cell made in grid A
+    assert grid_b["removal"] == pytest.approx((1.0 - 0.2) / (1.0 - 0.1)) and "other shared PEFT" in grid_b["note"]

@@ -297,9 +297,18 @@ class References:
         return self._pick(self.poisoned_legacy.get(_legacy_key(r)), r.get("tag") or "")
 
     def floor(self, r: dict) -> float | None:
+        return self._floor(r)[0]
+
+    def _floor(self, r: dict) -> tuple[float | None, bool]:
+        """(floor ASR, exact): the floor of the record's own block; else, for a cell shared by grids
+        whose shared PEFT settings differ (W2SDefense's ignores the ones it replaces), the floor of
+        the same dataset/student/attack/seed in these records, marked as not exact."""
         if r.get("block_hash"):
-            return self.floor_by_hash.get((r["block_hash"], str(r.get("attack"))))
-        return self._pick(self.floor_legacy.get(_legacy_key(r, poisoning=False)), r.get("tag") or "")
+            exact = self.floor_by_hash.get((r["block_hash"], str(r.get("attack"))))
+            if exact is not None:
+                return exact, True
+        found = self._pick(self.floor_legacy.get(_legacy_key(r, poisoning=False)), r.get("tag") or "")
+        return found, not r.get("block_hash")
 
     def of_cell(self, dataset: str, attack: str, *, proxy: str | None = None, student: str = "smollm2-135m",
                 seed: int = 0, clean_label: bool = True, tag: str = "") -> tuple[float | None, float | None]:
@@ -313,13 +322,15 @@ class References:
         notes saying why it is missing."""
         if not r.get("poisoned_model") or is_poisoned_reference(r) or r.get("asr") is None:
             return None, []
-        pois, floor = self.poisoned(r), self.floor(r)
+        pois, (floor, exact) = self.poisoned(r), self._floor(r)
         notes = []
         if pois is None:
             notes.append("no poisoned-model (method none) record")
         if floor is None:
             notes.append("no floor (never-poisoned) record")
-        if notes:
+        elif not exact:
+            notes.append("floor from a grid with other shared PEFT settings (this cell does not use them)")
+        if pois is None or floor is None:
             return None, notes
         ratio = removal_ratio(pois, r["asr"], floor)
         if ratio is None:

@@ -68,7 +68,11 @@ def run_and_print(cfg: GridConfig) -> GridRunner:
     t0 = time.perf_counter()
     runner.run()
     print()
-    print(format_table(summary_rows(runner.grid_records())))
+    rows = summary_rows(runner.grid_records())
+    print(format_table(rows))
+    for r in rows:
+        if r.get("note"):
+            print(f"  {r['dataset']} / {r['attack']} / {r['method']}: {r['note']}")
     print(f"\n{runner.cells_run} of {runner.cells_total} cells ran ({runner.cells_total - runner.cells_run} "
           f"recorded before with the same settings) in {time.perf_counter() - t0:.0f} s; results: {cfg.out}")
     return runner
