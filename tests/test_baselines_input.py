@@ -30,6 +30,20 @@ from kdshield.training.loop import TrainConfig
 
 from .conftest import NEGATIVE, POSITIVE, make_sentiment_texts
 
+
+def _metrics_by_hand(model, task, attack, transform=None) -> dict:
+    """CA / ASR computed from the sets and predictions directly, to pin evaluate_model's numbers."""
+    from kdshield.attacks.config import asr_set, ca_set
+    from kdshield.evaluation import accuracy, attack_success_rate
+    from kdshield.inference import predict
+
+    def texts(ds):
+        return transform(list(ds["text"])) if transform is not None else list(ds["text"])
+
+    clean, trig = ca_set(task, attack), asr_set(task, attack)
+    return {"ca": accuracy(predict(model, texts(clean)).probs, clean["label"]),
+            "asr": attack_success_rate(predict(model, texts(trig)).probs, trig["label"], attack.target_label)}
+
 FAST = TrainConfig(epochs=1, batch_size=16, precision="fp32", checkpoint_every=0)
 
 
@@ -169,8 +183,9 @@ def test_onion_defense_end_to_end(tiny_bert_dir, tiny_llama_dir, tmp_path):
     metrics = evaluate_model(
         res.model, task, AttackConfig(attack="badnet"), input_transform=res.input_transform
     )
-    assert 0 <= metrics["ca"] <= 1 and 0 <= metrics["asr"] <= 1
     assert res.logs["onion"]["texts"] == metrics["n_ca"] + metrics["n_asr"]
+    by_hand = _metrics_by_hand(res.model, task, AttackConfig(attack="badnet"), res.input_transform)
+    assert metrics["ca"] == pytest.approx(by_hand["ca"]) and metrics["asr"] == pytest.approx(by_hand["asr"])
 
 
 def test_onion_config_validation():
@@ -270,7 +285,13 @@ def test_precomputed_files_give_aligned_eval_sets(method, stem, paper_dir, tiny_
     # positives 9, 11, 13, 15 of the task's test split, triggered and rewritten
     assert sets["asr"]["text"] == [f"the film number {i} mn was {stem}" for i in (9, 11, 13, 15)]
     metrics = evaluate_eval_sets(res.model, sets, target_label=0)
-    assert metrics["n_ca"] == 8 and metrics["n_asr"] == 4 and 0 <= metrics["asr"] <= 1
+    assert metrics["n_ca"] == 8 and metrics["n_asr"] == 4
+    from kdshield.evaluation import accuracy, attack_success_rate
+    from kdshield.inference import predict
+
+    assert metrics["ca"] == pytest.approx(accuracy(predict(res.model, sets["ca"]["text"]).probs, sets["ca"]["label"]))
+    assert metrics["asr"] == pytest.approx(attack_success_rate(predict(res.model, sets["asr"]["text"]).probs,
+                                                               sets["asr"]["label"], 0))
 
 
 def test_precomputed_files_are_badnet_mn_only(paper_dir, tiny_bert_dir, tmp_path):
@@ -482,4 +503,5 @@ def test_live_seq2seq_rewriter_on_a_tiny_random_model(tiny_bert_dir, tmp_path):
     metrics = evaluate_model(
         res.model, task, AttackConfig(attack="badnet"), input_transform=rewrite
     )
-    assert 0 <= metrics["ca"] <= 1
+    by_hand = _metrics_by_hand(res.model, task, AttackConfig(attack="badnet"), rewrite)
+    assert metrics["ca"] == pytest.approx(by_hand["ca"]) and metrics["asr"] == pytest.approx(by_hand["asr"])
