@@ -22,8 +22,10 @@ import json
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+
+from datasets import Dataset
 
 from kdshield import profiling
 from kdshield.attacks.config import AttackConfig, attack_name, poisoned_proxy
@@ -153,8 +155,7 @@ class GridRunner:
         for att in self.cfg.attacks:
             attack = self._attack(att)
             hashes += [block.cell_hash(m, attack, None) for m in self._clean_methods()]
-            poison = poison_settings(block.common["student"], block.task, attack, self._poison_train(block),
-                                     data_dir=self.cfg.data_dir)
+            _, poison = block.poisoning(attack, self._poison_train(block))
             hashes += [block.cell_hash(m, attack, poison) for m in self.cfg.methods]
         return hashes
 
@@ -204,7 +205,7 @@ class GridRunner:
             attack = self._attack(att)
             for method in self._clean_methods():
                 block.run_cell(method, student, attack, None)
-            settings = poison_settings(student, block.task, attack, poison_train, data_dir=cfg.data_dir)
+            _, settings = block.poisoning(attack, poison_train)
             cells = [(m, block.cell_hash(m, attack, settings)) for m in cfg.methods]
             todo = [m for m, h in cells if h not in self.done]
             self.cells_seen += len(cells) - len(todo)
@@ -263,6 +264,18 @@ class _Block:
     peft_train: TrainConfig
     common: dict
     settings: dict  # what every cell of the block shares (data digests, student, PEFT settings)
+    _proxies: dict = field(default_factory=dict)  # attack -> (poisoned proxy rows, poison settings)
+
+    def poisoning(self, attack: AttackConfig, poison_train: TrainConfig) -> tuple[Dataset, dict]:
+        """The attack's poisoned proxy set and poison settings, built once per block (the plan, the
+        run and every detector cell read the same rows)."""
+        key = settings_hash({"attack": config_to_dict(attack), "train": config_to_dict(poison_train)})
+        if key not in self._proxies:
+            cfg = self.runner.cfg
+            data = poisoned_proxy(self.task, attack, seed=self.common["seed"], data_dir=cfg.data_dir)
+            self._proxies[key] = data, poison_settings(self.common["student"], self.task, attack, poison_train,
+                                                       data_dir=cfg.data_dir, data=data)
+        return self._proxies[key]
 
     def cell_hash(self, method: str, attack: AttackConfig, poison: dict | None) -> str:
         """Hash of everything a cell runs with; ``poison`` None = the never-poisoned student. The shared
@@ -305,8 +318,7 @@ class _Block:
         ctx = DefenseContext(student=model_ref, task=self.task, output_dir=run_dir, train=self.peft_train,
                              adapter=self.adapter, data_dir=cfg.data_dir, resume=True, attack=attack,
                              monitor=cfg.monitor, victim_dir=victim_dir,
-                             suspect_data=poisoned_proxy(self.task, attack, seed=self.common["seed"],
-                                                         data_dir=cfg.data_dir))
+                             suspect_data=self.poisoning(attack, self.runner._poison_train(self))[0])
         reset_peak_rss()  # each cell's peak memory is its own, not the process's so far
         profiling.reset()
         t0 = time.perf_counter()
