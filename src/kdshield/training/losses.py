@@ -54,3 +54,30 @@ def bedkd_distillation(student_logits: torch.Tensor, teacher_logits: torch.Tenso
     p_t = F.softmax(teacher_logits.float() / temperature, dim=-1)
     kl = F.kl_div(log_p_s, p_t, reduction="batchmean")
     return kl + F.mse_loss(student_features.float(), teacher_features.float())
+
+
+def masked_token_nll(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100,
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row: (summed next-token NLL over the labelled positions, number of such positions).
+
+    ``logits[:, t]`` predicts ``labels[:, t + 1]`` (a causal LM's alignment); positions labelled
+    ``ignore_index`` (prompt, padding) count nothing. The response CE of SFT is
+    ``nll.sum() / count.sum()`` (token mean over the batch); a row's NLL is ``nll / count``.
+    """
+    if logits.shape[:2] != labels.shape:
+        raise ValueError(f"logits {tuple(logits.shape)} and labels {tuple(labels.shape)} differ in "
+                         "(batch, length)")
+    targets = labels[:, 1:]
+    keep = targets != ignore_index
+    nll = torch.zeros(labels.shape[0], device=logits.device)
+    if keep.any():
+        rows = keep.nonzero(as_tuple=True)[0]
+        per_token = F.cross_entropy(logits[:, :-1][keep].float(), targets[keep], reduction="none")
+        nll = nll.index_add(0, rows, per_token)
+    return nll, keep.sum(dim=1)
+
+
+def response_ce(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+    """SFT loss: next-token CE on the labelled (response) positions, token mean over the batch."""
+    nll, count = masked_token_nll(logits, labels, ignore_index)
+    return nll.sum() / count.sum().clamp(min=1)
