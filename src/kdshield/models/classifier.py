@@ -267,6 +267,9 @@ def _check_meta(meta: dict, meta_path: Path) -> dict:
 
     if not isinstance(meta, dict):
         raise damaged("not a JSON object")
+    if meta.get("format") == "kdshield-generator":
+        raise ModelLoadError(f"{meta_path.parent} is a kdshield generator (kdshield-generator), not a "
+                             "classifier: load it with load_generator (a generative dataset)")
     if meta.get("format") != FORMAT:
         raise ModelLoadError(f"{meta_path}: unknown format {meta.get('format')!r}")
     spec = meta.get("head")
