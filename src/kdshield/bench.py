@@ -38,6 +38,7 @@ from kdshield.errors import ConfigError
 from kdshield.evaluation import evaluate_model, peak_rss_mb, reset_peak_rss
 from kdshield.models.adapters import AdapterConfig
 from kdshield.models.classifier import load_classifier
+from kdshield.models.loading import LOAD_DTYPES, QUANTIZE, LoadOptions, check_load_options
 from kdshield.results import append_record, build_record, read_records, removal_rows, settings_hash
 from kdshield.runs import check_output_dir
 from kdshield.training.loop import CHECKPOINT_OPTIONS, TrainConfig
@@ -82,6 +83,12 @@ class GridConfig:
     clean_methods: list[str] = cfg_field([], help="Defenses also run on the never-poisoned student (e.g. [w2s]: "
                                                   "what a defense costs a clean model; paper Table 8).")
     method_config: dict = cfg_field({}, help="Per-method options: {w2s: {gamma: 0.01}}.")
+    dtype: str = cfg_field("auto", help="dtype of the defenses' models (auto | bf16 | fp16 | fp32; auto = bf16 where "
+                                        "the device has it, else fp32). Weight poisoning always loads fp32.",
+                           choices=list(LOAD_DTYPES))
+    quantize: str = cfg_field("none", help="Quantised base for the PEFT cells: none | 4bit (NF4, QLoRA) | 8bit. "
+                                           "CUDA + bitsandbytes; weight poisoning never runs on it.",
+                              choices=list(QUANTIZE))
     tag: str = cfg_field("", help="Free label stored in every record (e.g. a tuning variant).")
     work_dir: str = cfg_field("runs/bench", help="Where poisoned models, adapters and checkpoints go.")
     out: str = cfg_field("benchmarks/results/bench.jsonl", help="Results JSONL (appended).")
@@ -102,6 +109,17 @@ class GridConfig:
             build_config(DEFENSES.get(name).config_class, opts, prefix=f"method_config.{name}")
         check_range("epochs", self.epochs, 1, 1000)
         check_range("poison_epochs", self.poison_epochs, 1, 1000)
+        options = check_load_options(self.load_options)  # a 4-bit base without CUDA: an error before any work
+        if self.adapter == "full":
+            options.for_full_training("adapter=full")
+
+    @property
+    def load_options(self) -> LoadOptions:
+        """How the cells load their models (weight poisoning: ``POISON_LOAD``)."""
+        return LoadOptions(dtype=self.dtype, quantize=self.quantize)
+
+
+POISON_LOAD = LoadOptions(dtype="fp32")  # the attacker's full fine-tuning, whatever the defenses load in
 
 
 def _split_dataset(spec: str) -> tuple[str, str | None]:
@@ -187,12 +205,16 @@ class GridRunner:
                                  max_length=cfg.max_length, seed=seed)
         block = {"student": student, "data": task.fingerprint(), "seed": seed, "train": _settings(peft_train),
                  "adapter": config_to_dict(adapter)}
+        load = cfg.load_options.key()  # {} for fp32 weights: the keys made before the option stay valid
+        if load:
+            block["load"] = load
         block_hash = settings_hash(block)
         # the folder is keyed by the data alone: poisoned models in it do not depend on PEFT settings,
         # and every run inside has its own settings-keyed folder
         data_hash = settings_hash({k: block[k] for k in ("student", "data", "seed")})
         work = Path(cfg.work_dir) / f"{Path(student).name}-{name}-{proxy_name}-s{seed}-{data_hash[:8]}"
         common = dict(dataset=name, proxy=proxy_name, student=student, adapter=cfg.adapter, seed=seed,
+                      load_dtype=cfg.load_options.weights_format,
                       tag=cfg.tag, n_train=len(task.split("train")), n_test=len(task.split("test")),
                       block_hash=block_hash)
         return _Block(self, task, work, adapter, peft_train, common, block)
@@ -222,7 +244,7 @@ class GridRunner:
             t_poison = time.perf_counter()
             with profiling.phase("poison"):
                 poisoned = weight_poison(student, block.task, attack, poison_train, pdir, resume=True,
-                                         data_dir=cfg.data_dir)
+                                         data_dir=cfg.data_dir, options=POISON_LOAD)
             poison_s = time.perf_counter() - t_poison if poisoned.model is not None else None
             for method in todo:
                 if method == "none":
@@ -274,7 +296,7 @@ class _Block:
             cfg = self.runner.cfg
             data = poisoned_proxy(self.task, attack, seed=self.common["seed"], data_dir=cfg.data_dir)
             self._proxies[key] = data, poison_settings(self.common["student"], self.task, attack, poison_train,
-                                                       data_dir=cfg.data_dir, data=data)
+                                                       data_dir=cfg.data_dir, data=data, options=POISON_LOAD)
         return self._proxies[key]
 
     def cell_hash(self, method: str, attack: AttackConfig, poison: dict | None) -> str:
@@ -317,7 +339,7 @@ class _Block:
             victim_dir = pdir / f"lora-{self.cell_hash('lora', attack, poison)[:8]}" / "train"
         ctx = DefenseContext(student=model_ref, task=self.task, output_dir=run_dir, train=self.peft_train,
                              adapter=self.adapter, data_dir=cfg.data_dir, resume=True, attack=attack,
-                             monitor=cfg.monitor, victim_dir=victim_dir,
+                             monitor=cfg.monitor, victim_dir=victim_dir, options=cfg.load_options,
                              suspect_data=self.poisoning(attack, self.runner._poison_train(self))[0])
         reset_peak_rss()  # each cell's peak memory is its own, not the process's so far
         profiling.reset()
@@ -351,10 +373,11 @@ class _Block:
         card = poisoned.card
         t0 = time.perf_counter()
         with profiling.phase("none"):
-            clf = poisoned.model or load_classifier(poisoned.path)
+            clf = poisoned.model or load_classifier(poisoned.path, options=POISON_LOAD)
             with profiling.phase("test eval"):
                 metrics = evaluate_model(clf, self.task, attack, data_dir=cfg.data_dir, max_length=cfg.max_length)
-        rec = build_record("bench", "none", metrics=metrics, **self._fields(attack, poison), **self.common,
+        rec = build_record("bench", "none", metrics=metrics, **self._fields(attack, poison),
+                           **{**self.common, "load_dtype": card.get("load_dtype", "fp32")},
                            wall_s=round(card["wall_s"], 1), eval_s=round(time.perf_counter() - t0, 1),
                            peak_rss_mb=round(peak_rss_mb()), trainable_params=0,
                            settings_hash=self.cell_hash("none", attack, poison), run_dir=str(poisoned.path),

@@ -37,6 +37,27 @@ def resolve_precision(precision: str) -> str:
     return "bf16" if cpu_supports_bf16() else "fp32"
 
 
+LOAD_DTYPE_NAMES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def resolve_load_dtype(name: str) -> torch.dtype:
+    """The torch dtype a model's weights are loaded in (``LoadOptions.dtype``): ``auto`` is bf16
+    where the device computes it natively (a CUDA GPU with bf16, else a CPU with avx512_bf16/AMX;
+    the same checks as ``resolve_precision``), else fp32. A CPU without native bf16 emulates it
+    (several times slower than fp32), so auto stays fp32 there."""
+    from kdshield.errors import ConfigError
+
+    if name == "auto":
+        return torch.bfloat16 if resolve_precision("auto") == "bf16" else torch.float32
+    if name not in LOAD_DTYPE_NAMES:
+        raise ConfigError(f"dtype={name!r} is not one of ['auto', 'bf16', 'fp16', 'fp32']")
+    return LOAD_DTYPE_NAMES[name]
+
+
+def load_dtype_name(dtype: torch.dtype) -> str:
+    """bf16 / fp16 / fp32 for a torch dtype (its str for any other)."""
+    return next((k for k, v in LOAD_DTYPE_NAMES.items() if v == dtype), str(dtype).replace("torch.", ""))
+
 
 def autocast_for(precision: str, device: torch.device):
     """bf16 autocast on ``device`` when ``precision`` resolves to bf16, else a no-op context."""

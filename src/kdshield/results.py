@@ -9,7 +9,9 @@
 A record is a claim: its ``config`` holds the settings that actually ran and ``settings_hash`` is
 the hash of exactly those settings (``settings_hash``), so tables group runs by what ran and a
 rerun with other settings never matches an old record. Every record also carries git hash,
-package versions, seed, time and cost. ``ca``, ``asr``, ``far``, ``frr`` are fractions in [0, 1]
+package versions, seed, time and cost, and ``load_dtype``: the format the model's weights were
+loaded in (fp32, bf16, fp16; nf4 / int8 for a quantised base; None where the writer did not say,
+as in every record made before the option existed, all of them fp32). ``ca``, ``asr``, ``far``, ``frr`` are fractions in [0, 1]
 (CA up, ASR down; FAR/FRR down).
 """
 
@@ -33,7 +35,7 @@ from kdshield.errors import DataError
 log = logging.getLogger(__name__)
 
 KEYS = ("run", "method", "dataset", "proxy", "student", "teacher", "attack", "clean_label", "target_label",
-        "adapter", "poisoned_model", "seed", "ca", "asr", "far", "frr", "wall_s", "peak_rss_mb",
+        "adapter", "load_dtype", "poisoned_model", "seed", "ca", "asr", "far", "frr", "wall_s", "peak_rss_mb",
         "trainable_params", "config", "settings_hash", "git", "versions", "time")
 
 METRIC_DIRECTION = {"ca": "up", "asr": "down", "far": "down", "frr": "down", "removal": "up"}

@@ -72,15 +72,18 @@ def shortcut_check(model, task: TaskData, attack: AttackConfig, max_length: int 
 
 
 def poison_settings(student: str, task: TaskData, attack: AttackConfig, train_cfg: TrainConfig, *,
-                    data_dir=None, data=None) -> dict:
+                    data_dir=None, data=None, options: LoadOptions = LoadOptions()) -> dict:
     """What a poisoned model is made of: the clean model, the attack, the exact poisoned proxy rows,
-    the dev rows its stop rule reads, and the optimisation settings (checkpoint spacing left out).
-    A poisoned model is reused only when these are equal."""
+    the dev rows its stop rule reads, the optimisation settings (checkpoint spacing left out) and
+    the weights' format where it is not fp32 (``LoadOptions.key``; poisoning loads fp32 weights, so
+    today that entry is never there). A poisoned model is reused only when these are equal."""
     data = data if data is not None else poisoned_proxy(task, attack, seed=train_cfg.seed, data_dir=data_dir)
     train = {k: v for k, v in config_to_dict(train_cfg).items() if k not in CHECKPOINT_OPTIONS}
+    load = options.for_full_training("weight poisoning").key()
     return {"student": str(student), "attack": attack_name(attack, task, data_dir),
             "attack_config": config_to_dict(attack), "proxy": rows_digest(data, ("text", "label", "poisoned")),
-            "dev": rows_digest(task.split("dev")), "labels": list(task.label_names), "train": train}
+            "dev": rows_digest(task.split("dev")), "labels": list(task.label_names), "train": train,
+            **({"load": load} if load else {})}
 
 
 def read_card(model_dir: Path) -> dict | None:
@@ -104,11 +107,13 @@ def weight_poison(student: str, task: TaskData, attack: AttackConfig, train_cfg:
     ``RunStateError`` names what differs. The checkpoint's copy of the weights is dropped once the
     model is saved (``model/`` is the copy a user reuses).
     """
+    # full fine-tuning: fp32 weights (ConfigError for a quantised or explicit half-precision base)
+    options = options.for_full_training("weight poisoning")
     output_dir = Path(output_dir)
     model_dir = output_dir / "model"
     card_path = model_dir / CARD_FILE
     data = poisoned_proxy(task, attack, seed=train_cfg.seed, data_dir=data_dir)
-    settings = poison_settings(student, task, attack, train_cfg, data_dir=data_dir, data=data)
+    settings = poison_settings(student, task, attack, train_cfg, data_dir=data_dir, data=data, options=options)
     card = read_card(model_dir)
     if card is not None:
         if card.get("settings") is None:
@@ -141,6 +146,7 @@ def weight_poison(student: str, task: TaskData, attack: AttackConfig, train_cfg:
             "dataset": task.name, "poisoned_samples": int(sum(data["poisoned"])), "proxy_samples": len(data),
             "seed": train_cfg.seed, "dev_ca": last.get("ca"), "dev_asr": last.get("asr"),
             "epochs_run": last.get("epoch"), "train": result.to_dict(), "train_config": config_to_dict(train_cfg),
+            "load_dtype": clf.load_dtype,
             "wall_s": result.prior_wall_s + time.perf_counter() - start, "settings": settings,
             "settings_hash": settings_hash(settings)}
     tmp = card_path.with_name(CARD_FILE + ".tmp")

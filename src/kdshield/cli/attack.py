@@ -50,15 +50,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    options = load_options(args, full_training="weight poisoning")  # before the data loads
     task, data_cfg = build_task(args)
     attack = build_attack(args, required=True)
     train_cfg = build_train(args, **POISON_TRAIN_DEFAULTS)
-    options = load_options(args)
     results = results_path(args)
     check_output_dir(results.parent, "--results")
     run_dir = RunDir(args.out, "attack", {
         "student": args.student, "data": task.fingerprint(), "attack": config_to_dict(attack),
-        "train": config_to_dict(train_cfg), "load": config_to_dict(options)},
+        "train": config_to_dict(train_cfg), "load": options.run_settings()},
         resume=args.resume, fresh=args.fresh).open()
     poisoned = weight_poison(args.student, task, attack, train_cfg, args.out, resume=args.resume,
                              data_dir=data_cfg.data_dir, options=options)
@@ -73,7 +73,7 @@ def run(args: argparse.Namespace) -> int:
                        student=args.student, adapter="full", poisoned_model=True, seed=train_cfg.seed,
                        wall_s=round(card["wall_s"], 1), peak_rss_mb=round(peak_rss_mb()),
                        trainable_params=card["train"]["trainable_params"], model_path=str(poisoned.path),
-                       reused=run_dir.reused,
+                       reused=run_dir.reused, load_dtype=card.get("load_dtype", "fp32"),
                        config={"attack": card["attack_config"], "train": card["train_config"]},
                        poison_hash=card["settings_hash"])
     append_record(results, rec)

@@ -11,7 +11,7 @@ from kdshield.config import add_config_arguments, build_config, load_yaml
 from kdshield.data import DataConfig, TaskData
 from kdshield.errors import ConfigError
 from kdshield.models.adapters import AdapterConfig
-from kdshield.models.loading import LoadOptions
+from kdshield.models.loading import LOAD_DTYPES, QUANTIZE, LoadOptions, check_load_options
 from kdshield.runs import check_output_dir  # noqa: F401  (the commands' import point)
 from kdshield.training.loop import TrainConfig
 
@@ -28,6 +28,13 @@ def add_model_safety_args(parser: argparse.ArgumentParser) -> None:
                         help="allow loading pickle weights (.bin): runs code from the file; only for trusted models")
     parser.add_argument("--trust-remote-code", action="store_true",
                         help="allow a hub model's own Python code to run; only for trusted models")
+    parser.add_argument("--dtype", default="auto", choices=list(LOAD_DTYPES),
+                        help="dtype of the models' weights (students and teachers): auto = bf16 on a GPU with bf16 "
+                             "or a CPU with native bf16, else fp32; heads and adapters stay fp32. Models whose "
+                             "every weight trains (weight poisoning, adapter.kind=full) load in fp32")
+    parser.add_argument("--quantize", default="none", choices=list(QUANTIZE),
+                        help="quantised base for PEFT (QLoRA): 4bit = NF4 with double quantisation, bf16 compute; "
+                             "8bit = LLM.int8. Needs a CUDA GPU and bitsandbytes (pip install 'kdshield[gpu]')")
 
 
 def add_run_args(parser: argparse.ArgumentParser, *, out_default: str | None = None) -> None:
@@ -77,9 +84,14 @@ def yaml_sections(args: argparse.Namespace) -> dict:
     return sections
 
 
-def load_options(args: argparse.Namespace) -> LoadOptions:
-    return LoadOptions(allow_pickle=getattr(args, "allow_pickle", False),
-                       trust_remote_code=getattr(args, "trust_remote_code", False))
+def load_options(args: argparse.Namespace, *, full_training: str | None = None) -> LoadOptions:
+    """The load options of the command line, checked for this machine before any work
+    (``check_load_options``). ``full_training`` names the step when every weight trains: the
+    options then load fp32 weights and refuse a quantised or explicit half-precision base."""
+    options = check_load_options(LoadOptions(
+        allow_pickle=getattr(args, "allow_pickle", False), trust_remote_code=getattr(args, "trust_remote_code", False),
+        dtype=getattr(args, "dtype", "auto") or "auto", quantize=getattr(args, "quantize", "none") or "none"))
+    return options.for_full_training(full_training) if full_training else options
 
 
 def build_task(args: argparse.Namespace) -> tuple[TaskData, DataConfig]:

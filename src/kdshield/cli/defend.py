@@ -77,8 +77,10 @@ def run(args: argparse.Namespace) -> int:
         return run_list()
     if not args.student or not args.data or not args.out:
         raise ConfigError("defend needs --student, --data and --out (or --list)")
-    task, data_cfg = build_task(args)
     adapter, train_cfg = build_adapter(args), build_train(args)
+    # the load options are checked before the data loads (a quantised base on a machine without CUDA)
+    options = load_options(args, full_training="adapter.kind=full" if adapter.kind == "full" else None)
+    task, data_cfg = build_task(args)
     attack = build_attack(args)
     defense = DEFENSES.get(args.method)
     mcfg = build_config(defense.config_class, yaml_sections(args).get(args.method), args, prefix=args.method)
@@ -87,7 +89,6 @@ def run(args: argparse.Namespace) -> int:
         if attack is None:
             raise ConfigError("--suspect-data poisoned-proxy needs --attack")
         suspect = poisoned_proxy(task, attack, seed=data_cfg.seed, data_dir=data_cfg.data_dir)
-    options = load_options(args)
     results = results_path(args)
     check_output_dir(results.parent, "--results")
     # the attack is part of the run: W2SDefense logs its dev ASR, detectors score with it
@@ -95,7 +96,8 @@ def run(args: argparse.Namespace) -> int:
         "method": args.method, "student": str(args.student), "data": task.fingerprint(),
         "method_config": config_to_dict(mcfg), "train": config_to_dict(train_cfg),
         "adapter": config_to_dict(adapter), "attack": config_to_dict(attack) if attack else None,
-        "suspect_data": args.suspect_data, "lm": args.lm, "monitor": args.monitor, "load": config_to_dict(options)},
+        "suspect_data": args.suspect_data, "lm": args.lm, "monitor": args.monitor,
+        "load": options.run_settings()},
         resume=args.resume, fresh=args.fresh).open()
     ctx = DefenseContext(student=args.student, task=task, output_dir=Path(args.out), train=train_cfg,
                          adapter=adapter, suspect_data=suspect, data_dir=data_cfg.data_dir, resume=args.resume,
@@ -132,6 +134,6 @@ def run(args: argparse.Namespace) -> int:
         detection=res.detection, student=args.student, teacher=getattr(mcfg, "teacher", None),
         adapter=(res.adapter or {}).get("kind", adapter.kind), seed=train_cfg.seed, wall_s=round(wall, 1),
         peak_rss_mb=round(res.peak_rss_mb), trainable_params=res.trainable_params, reused=run_dir.reused,
-        config=config))
+        load_dtype=getattr(res.model, "load_dtype", None), config=config))
     run_dir.finish(wall_s=wall)
     return 0

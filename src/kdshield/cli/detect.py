@@ -117,6 +117,7 @@ def run(args: argparse.Namespace) -> int:
         return run_list()
     if not args.student or not args.data or not args.out:
         raise ConfigError("detect needs --student, --data and --out (or --list)")
+    options = load_options(args)  # checked before the data loads
     task, data_cfg = build_task(args)
     adapter, train_cfg = build_adapter(args), build_train(args)
     attack = build_attack(args)
@@ -139,10 +140,10 @@ def run(args: argparse.Namespace) -> int:
         "method_config": config_to_dict(mcfg), "train": config_to_dict(train_cfg), "adapter": config_to_dict(adapter),
         "attack": config_to_dict(attack) if attack else None,
         "suspect": rows_digest(suspect, ("text", "label")) if suspect is not None else None,
-        "load": config_to_dict(load_options(args))}, resume=args.resume, fresh=args.fresh).open()
+        "load": options.run_settings()}, resume=args.resume, fresh=args.fresh).open()
     ctx = DefenseContext(student=args.student, task=task, output_dir=out, train=train_cfg, adapter=adapter,
                          suspect_data=suspect, data_dir=data_cfg.data_dir, resume=args.resume,
-                         options=load_options(args))
+                         options=options)
     data, _ = suspect_set(ctx)
     result = detector().run(ctx, mcfg)
     paths = write_detection(result, data, out, mcfg, name=args.method)
@@ -157,7 +158,8 @@ def run(args: argparse.Namespace) -> int:
         "detect", args.method, task=task, attack_config=attack, data_dir=data_cfg.data_dir, detection=s,
         student=args.student, adapter=mcfg.dmm_adapter if hasattr(mcfg, "dmm_adapter") else None,
         seed=train_cfg.seed, flagged=s["flagged"], gamma=s["gamma"], n_samples=s["n"], curve=result.curve,
-        reused=run_dir.reused, config={"method": config_to_dict(mcfg), "train": config_to_dict(train_cfg),
-                                       "attack": config_to_dict(attack) if attack else None}))
+        reused=run_dir.reused, load_dtype=options.weights_format,
+        config={"method": config_to_dict(mcfg), "train": config_to_dict(train_cfg),
+                "attack": config_to_dict(attack) if attack else None}))
     run_dir.finish()
     return 0

@@ -99,11 +99,12 @@ def run(args: argparse.Namespace) -> int:
         check_range("--max-length", args.max_length, 2, 100_000)
     check_range("--batch-size", args.batch_size, 1, 65536)
     results = check_results_file(args.results) if args.results else None
+    options = load_options(args)  # checked before the data loads
     task, data_cfg = build_task(args)
     task.split(args.split)  # DataError naming the available splits, before the model loads
     attack = build_attack(args)
     start = time.perf_counter()
-    clf = load_classifier(args.model, options=load_options(args))
+    clf = load_classifier(args.model, options=options)
     if clf.num_labels != task.num_labels:
         raise ConfigError(f"{args.model} predicts {clf.num_labels} classes but {task.name} has {task.num_labels}")
     if not args.ignore_label_names:
@@ -127,5 +128,6 @@ def run(args: argparse.Namespace) -> int:
             attack=attack_name(attack, task, data_cfg.data_dir) if attack else None,
             clean_label=attack.clean_label if attack else None, target_label=attack.target_label if attack else None,
             ca=metrics["ca"], asr=metrics.get("asr"), wall_s=round(wall, 1), peak_rss_mb=round(peak_rss_mb()),
-            trainable_params=clf.trainable_parameters(), split=args.split, max_length=max_length))
+            trainable_params=clf.trainable_parameters(), split=args.split, max_length=max_length,
+            load_dtype=clf.load_dtype))
     return 0

@@ -49,16 +49,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    task, data_cfg = build_task(args)
     adapter, train_cfg = build_adapter(args), build_train(args)
+    # the load options are checked before the data loads (a quantised base on a machine without CUDA)
+    options = load_options(args, full_training="adapter.kind=full" if adapter.kind == "full" else None)
+    task, data_cfg = build_task(args)
     attack = build_attack(args)
-    options = load_options(args)
     results = results_path(args)
     check_output_dir(results.parent, "--results")
     # --attack only chooses the evaluation (recomputed every time), so it is not part of the run
     run_dir = RunDir(args.out, "finetune", {
         "model": str(args.model), "data": task.fingerprint(), "train": config_to_dict(train_cfg),
-        "adapter": config_to_dict(adapter), "load": config_to_dict(options)},
+        "adapter": config_to_dict(adapter), "load": options.run_settings()},
         resume=args.resume, fresh=args.fresh).open()
     with Timer() as timer:
         clf, res = peft_finetune(args.model, task, adapter, train_cfg, f"{args.out}/train", resume=args.resume,
@@ -73,7 +74,7 @@ def run(args: argparse.Namespace) -> int:
     rec = build_record("finetune", adapter.kind, task=task, attack_config=attack, data_dir=data_cfg.data_dir,
                        metrics=metrics, student=str(args.model), adapter=adapter.kind, seed=train_cfg.seed,
                        wall_s=round(wall, 1), peak_rss_mb=round(peak_rss_mb()),
-                       trainable_params=res.trainable_params, reused=run_dir.reused,
+                       trainable_params=res.trainable_params, reused=run_dir.reused, load_dtype=clf.load_dtype,
                        config={"train": res.config, "adapter": config_to_dict(adapter)})
     append_record(results, rec)
     run_dir.finish(wall_s=wall)

@@ -186,6 +186,7 @@ def teacher_train_config(cfg: W2SConfig, train_cfg: TrainConfig) -> TrainConfig:
 def prepare_teacher(cfg: W2SConfig, task: TaskData, student_hidden: int, train_cfg: TrainConfig, *,
                     options: LoadOptions = LoadOptions(), cache_root: Path | None = None) -> Teacher:
     """Fine-tune the teacher (full parameters, projection head to ``student_hidden``) or reuse it."""
+    options = dataclasses.replace(options, dtype="fp32", quantize="none")  # every weight trains: fp32
     data = task.split("train")
     teacher_train = teacher_train_config(cfg, train_cfg)
     max_length = teacher_train.max_length

@@ -75,6 +75,15 @@ def attach_adapter(clf, cfg: AdapterConfig):
     for p in clf.head.parameters():
         p.requires_grad_(True)
     if cfg.kind == "full":
+        options = getattr(clf, "load_options", None)
+        if clf.load_dtype in ("bf16", "fp16") and options is not None and options.dtype == "auto":
+            _reload_fp32(clf, options)  # auto = what suits the run: fp32 where every weight trains
+        if getattr(clf, "load_dtype", "fp32") != "fp32":
+            # the commands check this before any work (LoadOptions.for_full_training); this is the backstop
+            raise ConfigError(f"full fine-tuning trains every weight and needs fp32 weights; this model was loaded "
+                              f"as {clf.load_dtype} (quantised weights cannot train, and AdamW on half-precision "
+                              "weights loses the steps below their resolution). Load it with --dtype fp32 and "
+                              "without --quantize")
         for p in clf.backbone.parameters():
             p.requires_grad_(True)
         return clf
@@ -89,6 +98,25 @@ def attach_adapter(clf, cfg: AdapterConfig):
                           "Set --adapter.target-modules to the model's attention projections.") from err
     clf.adapter_spec = {"kind": cfg.kind, "base": clf.source, "config": cfg.to_dict()}
     return clf
+
+
+def _reload_fp32(clf, options) -> None:
+    """Replace ``clf``'s half-precision backbone (loaded under dtype auto) by the checkpoint's fp32
+    weights: full fine-tuning needs them, and casting the loaded bf16 copy up would start from
+    rounded weights."""
+    import logging
+
+    from kdshield.models.classifier import _load_backbone
+    from kdshield.models.loading import resolve_model_ref
+
+    logging.getLogger(__name__).info("full fine-tuning: loading %s again in fp32 (dtype auto had loaded %s)",
+                                     clf.source, clf.load_dtype)
+    fp32 = options.for_full_training()
+    pad = clf.backbone.config.pad_token_id
+    clf.backbone = None  # the half-precision copy is freed before the fp32 one loads
+    clf.backbone, _ = _load_backbone(resolve_model_ref(clf.source, fp32), fp32, torch.float32)
+    clf.backbone.config.pad_token_id = pad
+    clf.load_dtype, clf.load_options = "fp32", fp32
 
 
 def merged_backbone(clf):

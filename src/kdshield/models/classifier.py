@@ -29,6 +29,7 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_N
 from kdshield.errors import ConfigError, ModelLoadError
 from kdshield.models.loading import (
     LoadOptions,
+    quantization_config,
     read_json,
     resolve_model_ref,
     warn_ignored_remote_code,
@@ -150,6 +151,9 @@ class Classifier(nn.Module):
         self.adapter_spec: dict | None = None
         # Tokens per example the classifier was trained with (saved in kdshield.json; None = unknown).
         self.max_length: int | None = None
+        # The backbone's weights as loaded: fp32 / bf16 / fp16, or nf4 / int8 for a quantised base.
+        self.load_dtype: str = "fp32"
+        self.load_options: LoadOptions | None = None  # the options it was loaded with
 
     @property
     def num_labels(self) -> int:
@@ -241,6 +245,12 @@ def _load_backbone(path: str, options: LoadOptions, dtype: torch.dtype):
     kwargs = {"trust_remote_code": options.trust_remote_code, "dtype": dtype}
     if not options.allow_pickle:
         kwargs["use_safetensors"] = True
+    quantization = quantization_config(options)  # ConfigError here without CUDA / bitsandbytes
+    if quantization is not None:
+        # bitsandbytes quantises while loading onto the GPU; the non-quantised weights (embeddings,
+        # norms) take the compute dtype
+        kwargs.update(quantization_config=quantization, device_map={"": torch.cuda.current_device()},
+                      dtype=quantization.bnb_4bit_compute_dtype if options.quantize == "4bit" else dtype)
     try:
         config = AutoConfig.from_pretrained(path, trust_remote_code=options.trust_remote_code)
         model = AutoModel.from_pretrained(path, **kwargs)
@@ -301,12 +311,19 @@ def _load_head_state(head: ClassificationHead, file: Path) -> None:
 @phase("model load")
 def load_classifier(ref: str | Path, *, num_labels: int | None = None, label_names: list[str] | None = None,
                     head: str = "linear", proj_dim: int | None = None, options: LoadOptions = LoadOptions(),
-                    dtype: torch.dtype = torch.float32) -> Classifier:
+                    dtype: torch.dtype | None = None) -> Classifier:
     """Load a classifier from a builtin name, a local directory or a hub id.
 
     A kdshield directory restores its head (and adapter); any other model gets a fresh head with
-    ``num_labels`` outputs (or ``len(label_names)``).
+    ``num_labels`` outputs (or ``len(label_names)``). The backbone's weights are loaded in ``dtype``
+    (None: ``options.dtype`` resolved by ``resolve_load_dtype``; auto is fp32 on a CPU without native
+    bf16), or quantised per ``options.quantize``; the head stays fp32, as do PEFT adapters (peft
+    casts them up on a half-precision base), so training updates fp32 parameters.
     """
+    from kdshield.inference import load_dtype_name, resolve_load_dtype
+
+    if dtype is None:
+        dtype = resolve_load_dtype(options.dtype)
     path = resolve_model_ref(ref, options)
     meta_path = Path(path) / META_FILE
     meta = _check_meta(read_json(meta_path), meta_path) if meta_path.is_file() else None
@@ -337,7 +354,8 @@ def load_classifier(ref: str | Path, *, num_labels: int | None = None, label_nam
         if not k or k < 2:
             raise ConfigError("num_labels must be >= 2 for a model without a kdshield head")
         clf_head = ClassificationHead(hidden, k, head, proj_dim)
-    clf_head.to(dtype)
     clf = Classifier(backbone, tokenizer, clf_head, encoder=encoder, label_names=label_names, source=str(ref))
     clf.max_length = meta.get("max_length") if meta is not None else None
+    clf.load_dtype = {"4bit": "nf4", "8bit": "int8"}.get(options.quantize) or load_dtype_name(dtype)
+    clf.load_options = options
     return clf

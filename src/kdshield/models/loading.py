@@ -6,17 +6,23 @@ safetensors-only and ``trust_remote_code`` stays off unless the user asks for it
     path = resolve_model_ref("smollm2-135m")        # builtin embedded asset, prepared once
     path = resolve_model_ref("./third_party_model")  # local dir: must hold *.safetensors
     path = resolve_model_ref("org/model")            # hub id: needs a network, safetensors only
+
+``LoadOptions`` also says how the weights are held: ``dtype`` (auto | bf16 | fp16 | fp32, resolved
+by ``kdshield.inference.resolve_load_dtype``) and ``quantize`` (none | 4bit | 8bit: a bitsandbytes
+base for QLoRA, CUDA only). ``check_load_options`` refuses what cannot run here before any work.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import importlib.util
 import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
 
 from kdshield import assets
-from kdshield.errors import ModelLoadError, UnsafeModelError
+from kdshield.errors import ConfigError, ModelLoadError, UnsafeModelError
 
 log = logging.getLogger(__name__)
 
@@ -24,12 +30,109 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 DAMAGED_FIX = "re-download the model, or re-run the kdshield step that wrote it"
 
 
+LOAD_DTYPES = ("auto", "bf16", "fp16", "fp32")
+QUANTIZE = ("none", "4bit", "8bit")
+GPU_EXTRA_FIX = "pip install 'kdshield[gpu]' (bitsandbytes)"
+
+
 @dataclass(frozen=True)
 class LoadOptions:
-    """How far the user trusts a checkpoint. Both default to the safe choice."""
+    """How far the user trusts a checkpoint (both default to the safe choice), and how its weights
+    are held in memory."""
 
     allow_pickle: bool = False
     trust_remote_code: bool = False
+    # auto: bf16 where the device computes it natively (a CUDA GPU with bf16, a CPU with
+    # avx512_bf16/AMX), else fp32. Heads and PEFT adapters stay fp32 either way.
+    dtype: str = "auto"
+    # 4bit: NF4 with double quantisation, bf16 compute (QLoRA); 8bit: LLM.int8. CUDA + bitsandbytes.
+    quantize: str = "none"
+
+    def __post_init__(self):
+        if self.dtype not in LOAD_DTYPES:
+            raise ConfigError(f"dtype={self.dtype!r} is not one of {list(LOAD_DTYPES)}")
+        if self.quantize not in QUANTIZE:
+            raise ConfigError(f"quantize={self.quantize!r} is not one of {list(QUANTIZE)}")
+
+    @property
+    def resolved_dtype(self) -> str:
+        """The dtype name ``dtype`` resolves to on this machine (bf16, fp16 or fp32)."""
+        from kdshield.inference import load_dtype_name, resolve_load_dtype
+
+        return load_dtype_name(resolve_load_dtype(self.dtype))
+
+    def key(self) -> dict:
+        """What the weights' format adds to the settings that key cached work (poisoned models, run
+        directories, grid cells): the resolved dtype and the quantisation, left out where they are
+        fp32 and none, the format every key made before these options existed was made in (so those
+        keys stay valid, and a bf16 or 4-bit run never matches fp32 work)."""
+        out = {}
+        dtype = self.resolved_dtype
+        if dtype != "fp32":
+            out["dtype"] = dtype
+        if self.quantize != "none":
+            out["quantize"] = self.quantize
+        return out
+
+    @property
+    def weights_format(self) -> str:
+        """What a results record's ``load_dtype`` says for models loaded with these options: the
+        resolved dtype, or nf4 / int8 for a quantised base."""
+        return {"4bit": "nf4", "8bit": "int8"}.get(self.quantize) or self.resolved_dtype
+
+    def run_settings(self) -> dict:
+        """The load options as they enter a run directory's settings (``runs.RunDir``)."""
+        return {"allow_pickle": self.allow_pickle, "trust_remote_code": self.trust_remote_code, **self.key()}
+
+    def for_full_training(self, what: str = "full fine-tuning") -> LoadOptions:
+        """These options for a model whose every weight trains: fp32 weights (auto resolves to fp32;
+        bf16 compute comes from ``--train.precision``). An explicit bf16/fp16 or a quantised base is
+        a ConfigError: AdamW on bf16 weights without an fp32 master copy (the training loop keeps
+        none) drops every update below the weight's resolution (2^-8 relative), and quantised
+        weights cannot train at all."""
+        if self.quantize != "none":
+            raise ConfigError(f"{what} trains every weight of the model and cannot run on a quantised "
+                              f"({self.quantize}) base; drop --quantize (it is for LoRA and the other PEFT "
+                              "adapters)")
+        if self.dtype in ("bf16", "fp16"):
+            raise ConfigError(f"{what} trains every weight and needs fp32 weights (AdamW steps below "
+                              f"{self.dtype}'s resolution are lost without an fp32 master copy); pass "
+                              "--dtype fp32 or auto (bf16 compute comes from --train.precision)")
+        return dataclasses.replace(self, dtype="fp32")
+
+
+def check_load_options(options: LoadOptions) -> LoadOptions:
+    """ConfigError, before any work, for load options this machine cannot run: a quantised base
+    without a CUDA GPU or without bitsandbytes, fp16 on a machine without a GPU. Returns ``options``."""
+    import torch
+
+    if options.quantize != "none":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"--quantize {options.quantize} needs a CUDA GPU (bitsandbytes' quantised "
+                              "kernels); this machine has none. Drop --quantize, or use --dtype bf16 to halve "
+                              "the weights' memory instead")
+        if importlib.util.find_spec("bitsandbytes") is None:
+            raise ConfigError(f"--quantize {options.quantize} needs bitsandbytes, which is not installed: "
+                              f"{GPU_EXTRA_FIX}")
+    if options.dtype == "fp16" and not torch.cuda.is_available():
+        raise ConfigError("--dtype fp16 needs a CUDA GPU: on CPU, fp16 matmuls are slow or unsupported; use "
+                          "--dtype bf16 or fp32 (auto picks the best this machine has)")
+    return options
+
+
+def quantization_config(options: LoadOptions):
+    """transformers' BitsAndBytesConfig for ``options.quantize`` (None for ``none``), checked first."""
+    if options.quantize == "none":
+        return None
+    check_load_options(options)
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    if options.quantize == "4bit":
+        compute = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                  bnb_4bit_compute_dtype=compute)
+    return BitsAndBytesConfig(load_in_8bit=True)
 
 
 def resolve_model_ref(ref: str | Path, options: LoadOptions = LoadOptions()) -> str:
