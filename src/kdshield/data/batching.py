@@ -4,6 +4,10 @@ Batches are built from the indices of a tokenised dataset: the epoch's permutati
 ``seed + epoch`` alone, so a resumed run rebuilds exactly the batches it had not seen yet. Within
 chunks of ``bucket_batches`` batches, examples are sorted by length, which cuts padding work on CPU
 without changing which examples share an epoch.
+
+Generative (SFT) data carries per-token labels (``Encoded.token_labels``, -100 on the prompt):
+its batches' ``labels`` are then those, padded with -100, and ``position_ids`` count real tokens
+only, so left and right padding give the same per-row loss (``kdshield.training.sft``).
 """
 
 from __future__ import annotations
@@ -18,13 +22,18 @@ from datasets import Dataset
 
 @dataclass
 class Encoded:
-    """Token ids per example plus labels and any per-example numeric extras (e.g. teacher outputs)."""
+    """Token ids per example plus labels and any per-example numeric extras (e.g. teacher outputs).
+
+    ``token_labels`` (generative data): one label per token, -100 where no loss is taken; batches
+    then carry these as ``labels`` (``labels`` here stays the per-example class, 0 if none).
+    """
 
     input_ids: list[list[int]]
     labels: list[int]
     pad_id: int
     padding_side: str = "right"
     extras: dict[str, torch.Tensor] | None = None
+    token_labels: list[list[int]] | None = None
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -68,21 +77,31 @@ def epoch_batches(lengths: Sequence[int], batch_size: int, seed: int, epoch: int
     return batches
 
 
+IGNORE_INDEX = -100
+
+
+def _pad(rows: Sequence[Sequence[int]], value: int, side: str) -> torch.Tensor:
+    width = max(len(r) for r in rows)
+    out = torch.full((len(rows), width), value, dtype=torch.long)
+    for j, r in enumerate(rows):
+        if side == "left":
+            out[j, width - len(r):] = torch.tensor(r)
+        else:
+            out[j, :len(r)] = torch.tensor(r)
+    return out
+
+
 def collate(encoded: Encoded, indices: Sequence[int]) -> dict[str, torch.Tensor]:
     rows = [encoded.input_ids[i] for i in indices]
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), encoded.pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for j, r in enumerate(rows):
-        if encoded.padding_side == "left":
-            ids[j, width - len(r):] = torch.tensor(r)
-            mask[j, width - len(r):] = 1
-        else:
-            ids[j, :len(r)] = torch.tensor(r)
-            mask[j, :len(r)] = 1
-    batch = {"input_ids": ids, "attention_mask": mask,
-             "labels": torch.tensor([encoded.labels[i] for i in indices], dtype=torch.long),
-             "index": torch.tensor(list(indices), dtype=torch.long)}
+    side = "left" if encoded.padding_side == "left" else "right"
+    ids = _pad(rows, encoded.pad_id, side)
+    mask = _pad([[1] * len(r) for r in rows], 0, side)
+    batch = {"input_ids": ids, "attention_mask": mask, "index": torch.tensor(list(indices), dtype=torch.long)}
+    if encoded.token_labels is None:
+        batch["labels"] = torch.tensor([encoded.labels[i] for i in indices], dtype=torch.long)
+    else:
+        batch["labels"] = _pad([encoded.token_labels[i] for i in indices], IGNORE_INDEX, side)
+        batch["position_ids"] = (mask.cumsum(dim=1) - 1).clamp(min=0) * mask  # real tokens only
     for name, values in (encoded.extras or {}).items():
         batch[name] = values[list(indices)]
     return batch

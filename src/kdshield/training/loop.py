@@ -325,6 +325,8 @@ def _data_digest(encoded: Encoded) -> str:
     h = hashlib.sha256()
     for ids, y in zip(encoded.input_ids, encoded.labels):
         h.update(json.dumps([y, ids]).encode())
+    for token_labels in encoded.token_labels or ():  # generative data: other responses, other data
+        h.update(json.dumps(token_labels).encode())
     for name, values in sorted((encoded.extras or {}).items()):
         h.update(name.encode())
         h.update(values.float().contiguous().numpy().tobytes())
@@ -340,12 +342,13 @@ def run_settings_of(config: TrainConfig, encoded: Encoded, model: torch.nn.Modul
     return {"train": train, "data": _data_digest(encoded), "trainable": settings_hash(params), **(extra or {})}
 
 
-def train(model: torch.nn.Module, train_data: Dataset, config: TrainConfig, *, tokenizer=None,
+def train(model: torch.nn.Module, train_data: Dataset | None, config: TrainConfig, *, tokenizer=None,
           loss_fn: LossFn = ce_loss, eval_fn: EvalFn | None = None,
           stop_fn: Callable[[dict], bool] | None = None, output_dir: str | Path | None = None,
           resume: bool = False, extra_columns: Sequence[str] = (), desc: str = "train",
           parameters: Sequence[torch.nn.Parameter] | None = None, run_settings: dict | None = None,
-          keep_optimizer: bool = False, keep_weights: bool = True, eval_epochs: str = "all") -> TrainResult:
+          keep_optimizer: bool = False, keep_weights: bool = True, eval_epochs: str = "all",
+          encoded: Encoded | None = None) -> TrainResult:
     """Train the parameters of ``model`` that require grad; return history and cost.
 
     ``eval_fn(model) -> {"score": float, ...}`` runs at epoch ends (``eval_epochs="last"``: the last
@@ -359,6 +362,9 @@ def train(model: torch.nn.Module, train_data: Dataset, config: TrainConfig, *, t
     ``RunStateError`` names what differs. A finished run drops its optimizer state unless
     ``keep_optimizer``, and its weights too with ``keep_weights=False`` (the caller saved them).
     ``wall_s`` counts the earlier processes of a resumed run too (``prior_wall_s``).
+
+    ``encoded``: data the caller tokenised already (e.g. SFT rows with token labels,
+    ``kdshield.training.sft.encode_sft``); ``train_data`` is then unused and may be None.
     """
     from accelerate.utils import set_seed
 
@@ -369,11 +375,14 @@ def train(model: torch.nn.Module, train_data: Dataset, config: TrainConfig, *, t
     precision = resolve_precision(config.precision)
     accelerator = _accelerator("bf16" if precision == "bf16" else "no")
     set_seed(config.seed)
-    tokenizer = tokenizer or getattr(model, "tokenizer", None)
-    if tokenizer is None:
-        raise ValueError("train() needs a tokenizer (model.tokenizer or tokenizer=...)")
-    with phase("encode"):
-        encoded = encode_dataset(tokenizer, train_data, config.max_length, extra_columns)
+    if encoded is None:
+        tokenizer = tokenizer or getattr(model, "tokenizer", None)
+        if tokenizer is None:
+            raise ValueError("train() needs a tokenizer (model.tokenizer or tokenizer=...)")
+        if train_data is None:
+            raise ValueError("train() needs train_data or encoded=...")
+        with phase("encode"):
+            encoded = encode_dataset(tokenizer, train_data, config.max_length, extra_columns)
     lengths = encoded.lengths()
     n_batches = math.ceil(len(encoded) / config.batch_size)
     per_process = math.ceil(n_batches / accelerator.num_processes)
