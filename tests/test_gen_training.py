@@ -101,8 +101,9 @@ def test_sft_loss_equals_response_ce_on_full_logits(tiny_llama_dir, side):
 
 @pytest.mark.parametrize("kind", ["lora", "full", "prompt-tuning", "p-tuning"])
 def test_sft_lowers_the_response_loss(tiny_llama_dir, kind, tmp_path):
-    """On held-out rows. A random 2-layer model of width 32 barely follows virtual tokens (measured:
-    4.44 -> 4.36 nats after 4 epochs, however high the lr), so their bar is lower."""
+    """On held-out rows, from 4.44 nats (measured: LoRA 3.97, full 3.11, prompt tuning 4.37,
+    p-tuning 4.36). A random model of width 32 barely follows virtual tokens (no lr tried did
+    better), so their bar is lower; it still fails if no gradient reaches them."""
     data = sft_data(n_train=32, n_dev=8)
     lr = {"lora": 1e-2, "full": 3e-3, "prompt-tuning": 3e-1, "p-tuning": 3e-2}[kind]
     drop = {"lora": 0.3, "full": 0.8, "prompt-tuning": 0.04, "p-tuning": 0.04}[kind]
