@@ -83,3 +83,28 @@ def test_bad_setting_and_unsupported_model():
     with pytest.raises(ConfigError, match="does not support activation checkpointing"):
         memory.enable_activation_checkpointing(torch.nn.Linear(2, 2), "on")
     assert memory.enable_activation_checkpointing(torch.nn.Linear(2, 2), "auto") is False
+
+
+def test_train_with_checkpointing_ends_at_the_same_weights(tiny_llama_dir, toy_dataset, tmp_path):
+    from kdshield.training.loop import TrainConfig, train
+
+    weights = {}
+    for setting in ("off", "on"):
+        torch.manual_seed(0)
+        clf = load_classifier(tiny_llama_dir, num_labels=2, options=LoadOptions(dtype="fp32"))
+        attach_adapter(clf, AdapterConfig(kind="lora", r=4))
+        train(clf, toy_dataset(32), TrainConfig(epochs=1, batch_size=4, max_length=16, lr=1e-2,
+                                            activation_checkpointing=setting), output_dir=tmp_path / setting)
+        [hf] = memory.hf_models(clf)
+        assert hf.is_activation_checkpointing == (setting == "on")
+        weights[setting] = {n: p.detach().clone() for n, p in clf.named_parameters() if p.requires_grad}
+    for name, w in weights["off"].items():
+        assert torch.allclose(weights["on"][name], w, rtol=1e-4, atol=1e-6), name
+
+
+def test_train_config_checks_the_setting():
+    from kdshield.training.loop import CHECKPOINT_OPTIONS, TrainConfig
+
+    with pytest.raises(ConfigError, match="train.activation_checkpointing"):
+        TrainConfig(activation_checkpointing="always")
+    assert "activation_checkpointing" in CHECKPOINT_OPTIONS  # not part of any settings key: same result
