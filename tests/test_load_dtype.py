@@ -190,3 +190,18 @@ def test_cli_refuses_before_the_data_loads(command, flags, match, tiny_llama_dir
     assert main(argv) == 2
     assert match in capsys.readouterr().err
     assert not (tmp_path / "out" / "kdshield_run.json").exists()
+
+
+def test_plan_takes_the_commands_names(capsys):
+    """kdshield plan's --dtype auto and --activation-checkpointing auto resolve as the training
+    options do: an 8B LoRA on a GPU plans bf16 weights with checkpointing on; full stays fp32."""
+    import json
+    from pathlib import Path
+
+    fixture = Path(__file__).parent / "fixtures" / "llama3-8b-config.json"
+    assert main(["plan", "--model", str(fixture), "--json"]) == 0
+    s = json.loads(capsys.readouterr().out)["settings"]
+    assert (s["dtype"], s["activation_checkpointing"]) == ("bf16", True)
+    assert main(["plan", "--model", str(fixture), "--mode", "full", "--activation-checkpointing", "off", "--json"]) == 0
+    s = json.loads(capsys.readouterr().out)["settings"]
+    assert (s["dtype"], s["activation_checkpointing"]) == ("fp32", False)

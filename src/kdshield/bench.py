@@ -311,6 +311,9 @@ class _Block:
             planned = defense().planned_settings(DefenseContext(
                 student=self.common["student"], task=self.task, output_dir=self.work, train=self.peft_train,
                 adapter=self.adapter, data_dir=cfg.data_dir, attack=attack), config)
+        if planned:  # recomputing activations changes memory, not results (keys made before it stay valid)
+            planned = {k: {n: v for n, v in d.items() if n != "activation_checkpointing"} if isinstance(d, dict)
+                       else d for k, d in planned.items()}
         attack_settings = {**config_to_dict(attack), "name": attack_name(attack, self.task, cfg.data_dir)}
         block = {k: v for k, v in self.settings.items() if k not in ("train", "adapter")}
         return settings_hash({"block": block, "planned": planned, "attack": attack_settings, "poison": poison,

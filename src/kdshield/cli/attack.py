@@ -25,6 +25,7 @@ from kdshield.cli.common import (
     load_options,
     print_metrics,
     results_path,
+    train_run_settings,
 )
 from kdshield.config import add_config_arguments, config_to_dict
 from kdshield.evaluation import evaluate_model, peak_rss_mb
@@ -58,7 +59,7 @@ def run(args: argparse.Namespace) -> int:
     check_output_dir(results.parent, "--results")
     run_dir = RunDir(args.out, "attack", {
         "student": args.student, "data": task.fingerprint(), "attack": config_to_dict(attack),
-        "train": config_to_dict(train_cfg), "load": options.run_settings()},
+        "train": train_run_settings(train_cfg), "load": options.run_settings()},
         resume=args.resume, fresh=args.fresh).open()
     poisoned = weight_poison(args.student, task, attack, train_cfg, args.out, resume=args.resume,
                              data_dir=data_cfg.data_dir, options=options)

@@ -110,6 +110,15 @@ def build_train(args: argparse.Namespace, **defaults) -> TrainConfig:
     return build_config(TrainConfig, section, args, prefix="train")
 
 
+def train_run_settings(train_cfg: TrainConfig) -> dict:
+    """The training settings as they enter a run directory's settings: every field but activation
+    checkpointing, which changes memory, not results (so run directories made before the option
+    existed are still resumed)."""
+    from kdshield.config import config_to_dict
+
+    return {k: v for k, v in config_to_dict(train_cfg).items() if k != "activation_checkpointing"}
+
+
 def build_adapter(args: argparse.Namespace) -> AdapterConfig:
     return build_config(AdapterConfig, yaml_sections(args).get("adapter"), args, prefix="adapter")
 

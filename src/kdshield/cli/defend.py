@@ -28,6 +28,7 @@ from kdshield.cli.common import (
     load_options,
     print_metrics,
     results_path,
+    train_run_settings,
     yaml_sections,
 )
 from kdshield.config import add_config_arguments, build_config, config_to_dict
@@ -94,7 +95,7 @@ def run(args: argparse.Namespace) -> int:
     # the attack is part of the run: W2SDefense logs its dev ASR, detectors score with it
     run_dir = RunDir(args.out, "defend", {
         "method": args.method, "student": str(args.student), "data": task.fingerprint(),
-        "method_config": config_to_dict(mcfg), "train": config_to_dict(train_cfg),
+        "method_config": config_to_dict(mcfg), "train": train_run_settings(train_cfg),
         "adapter": config_to_dict(adapter), "attack": config_to_dict(attack) if attack else None,
         "suspect_data": args.suspect_data, "lm": args.lm, "monitor": args.monitor,
         "load": options.run_settings()},

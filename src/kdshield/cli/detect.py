@@ -32,6 +32,7 @@ from kdshield.cli.common import (
     check_output_dir,
     load_options,
     results_path,
+    train_run_settings,
     yaml_sections,
 )
 from kdshield.config import add_config_arguments, build_config, config_to_dict
@@ -137,7 +138,7 @@ def run(args: argparse.Namespace) -> int:
     check_output_dir(results.parent, "--results")
     run_dir = RunDir(out, "detect", {
         "method": args.method, "student": str(args.student), "data": task.fingerprint(),
-        "method_config": config_to_dict(mcfg), "train": config_to_dict(train_cfg), "adapter": config_to_dict(adapter),
+        "method_config": config_to_dict(mcfg), "train": train_run_settings(train_cfg), "adapter": config_to_dict(adapter),
         "attack": config_to_dict(attack) if attack else None,
         "suspect": rows_digest(suspect, ("text", "label")) if suspect is not None else None,
         "load": options.run_settings()}, resume=args.resume, fresh=args.fresh).open()

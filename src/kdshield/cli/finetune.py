@@ -23,6 +23,7 @@ from kdshield.cli.common import (
     load_options,
     print_metrics,
     results_path,
+    train_run_settings,
 )
 from kdshield.config import add_config_arguments, config_to_dict
 from kdshield.defenses.base import Timer
@@ -58,7 +59,7 @@ def run(args: argparse.Namespace) -> int:
     check_output_dir(results.parent, "--results")
     # --attack only chooses the evaluation (recomputed every time), so it is not part of the run
     run_dir = RunDir(args.out, "finetune", {
-        "model": str(args.model), "data": task.fingerprint(), "train": config_to_dict(train_cfg),
+        "model": str(args.model), "data": task.fingerprint(), "train": train_run_settings(train_cfg),
         "adapter": config_to_dict(adapter), "load": options.run_settings()},
         resume=args.resume, fresh=args.fresh).open()
     with Timer() as timer:

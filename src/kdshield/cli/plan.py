@@ -26,6 +26,7 @@ from kdshield.plan import (
     model_shape,
     plan_memory,
 )
+from kdshield.training.memory import AUTO_MIN_PARAMS, CHECKPOINTING
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -35,10 +36,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="builtin name, model directory, config.json, or a hub id in the local HF cache")
     parser.add_argument("--mode", default="lora", choices=MODES,
                         help="lora (frozen base + adapters), full (all weights: weight poisoning, full-model "
-                             "defenses) or qlora (LoRA on a 4-bit NF4 base)")
-    parser.add_argument("--dtype", default=None, choices=list(DTYPES),
-                        help="dtype of the base weights (default: fp32 for lora/full, as kdshield loads today; bf16 "
-                             "for qlora's non-quantised weights)")
+                             "defenses) or qlora (LoRA on a 4-bit NF4 base: the commands' --quantize 4bit)")
+    parser.add_argument("--dtype", default="auto", choices=["auto", *DTYPES],
+                        help="dtype of the base weights, as the training commands' --dtype: auto = bf16 on a GPU "
+                             "(assumed to have bf16) or a CPU with native bf16, else fp32; fp32 for --mode full "
+                             "(kdshield trains every weight in fp32); qlora's non-quantised weights in bf16")
     parser.add_argument("--precision", default="auto", choices=PRECISIONS,
                         help="TrainConfig.precision: bf16 autocast or fp32 (auto: bf16 on a GPU, fp32 on CPU)")
     parser.add_argument("--device", default="gpu", choices=DEVICES,
@@ -48,8 +50,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--lora-r", type=int, default=8, help="LoRA rank")
     parser.add_argument("--target-modules", default="q_proj,v_proj", metavar="LIST",
                         help="LoRA target modules, comma list (or all-linear)")
-    parser.add_argument("--activation-checkpointing", default="off", choices=["on", "off"],
-                        help="keep only each layer's input and recompute it in backward")
+    parser.add_argument("--activation-checkpointing", default="auto", choices=list(CHECKPOINTING),
+                        help="keep only each layer's input and recompute it in backward, as "
+                             "--train.activation-checkpointing: auto = on from "
+                             f"{AUTO_MIN_PARAMS / 1e9:g}B parameters")
     parser.add_argument("--processes", type=int, default=1,
                         help="processes (GPUs); full fine-tuning is sharded over them (FSDP), LoRA replicated (DDP)")
     parser.add_argument("--grad-accum", type=int, default=1, help="batches per optimizer step")
@@ -65,14 +69,33 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=run)
 
 
+def plan_dtype(mode: str, dtype: str, device: str) -> str | None:
+    """The weights' dtype ``--dtype`` stands for, resolved as the training commands resolve it
+    (``LoadOptions``): full fine-tuning loads fp32, qlora's bf16 (None: PlanSettings' default)."""
+    if dtype != "auto":
+        return dtype
+    if mode != "lora":
+        return None
+    if device == "gpu":
+        return "bf16"
+    from kdshield.inference import cpu_supports_bf16
+
+    return "bf16" if cpu_supports_bf16() else "fp32"
+
+
 def run(args: argparse.Namespace) -> int:
+    shape = model_shape(args.model)
+    params = shape.causal_lm_params() if args.task == "causal-lm" else shape.backbone_params()
+    checkpointing = args.activation_checkpointing == "on" or (
+        args.activation_checkpointing == "auto" and params >= AUTO_MIN_PARAMS)
     settings = PlanSettings(
-        mode=args.mode, dtype=args.dtype, precision=args.precision, device=args.device, batch_size=args.batch_size,
+        mode=args.mode, dtype=plan_dtype(args.mode, args.dtype, args.device), precision=args.precision,
+        device=args.device, batch_size=args.batch_size,
         max_length=args.max_length, lora_r=args.lora_r,
         target_modules=tuple(t.strip() for t in args.target_modules.split(",") if t.strip()),
-        activation_checkpointing=args.activation_checkpointing == "on", processes=args.processes,
+        activation_checkpointing=checkpointing, processes=args.processes,
         grad_accum=args.grad_accum, num_labels=args.num_labels, task=args.task, padded=not args.no_padding,
         gpu_memory_gib=args.gpu_memory)
-    plan = plan_memory(model_shape(args.model), settings)
+    plan = plan_memory(shape, settings)
     print(json.dumps(plan.to_dict(), indent=2) if args.json else plan.table())
     return 0

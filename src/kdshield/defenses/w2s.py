@@ -170,6 +170,7 @@ def _cache_train_key(train_cfg: TrainConfig) -> dict:
     cached teacher."""
     d = config_to_dict(train_cfg)
     d.pop("checkpoint_min_s", None)  # when checkpoints are written changes nothing the cache holds
+    d.pop("activation_checkpointing", None)  # nor does recomputing activations
     for name, off in (("ema", 0.0),):
         if d.get(name) == off:
             d.pop(name)
