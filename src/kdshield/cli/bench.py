@@ -78,10 +78,52 @@ def run_and_print(cfg: GridConfig) -> GridRunner:
     return runner
 
 
+class GenProgressTable:
+    """The generative grid's live rows: utility, ASR, false-trigger rate, time, time left."""
+
+    def __init__(self, runner):
+        self.runner = runner
+        self.header = False
+
+    def __call__(self, rec: dict, progress: dict) -> None:
+        if not self.header:
+            print("| cell | dataset | attack | method | utility | ASR % | FTR % | cell s | left (est.) |", flush=True)
+            print("|---|---|---|---|---|---|---|---|---|", flush=True)
+            self.header = True
+        metric = rec.get("utility_metric") or "rougeL"
+        method = rec["method"] + ("" if rec.get("poisoned_model") else " (never poisoned)")
+        print(f"| {progress['cell']}/{progress['total']} | {rec['dataset']} | {rec['attack']} | {method} | "
+              f"{metric} {_pct(rec.get(metric))} | {_pct(rec.get('asr'))} | {_pct(rec.get('false_trigger'))} | "
+              f"{progress['cell_s']:.0f} | {progress['eta_s'] / 60:.0f} min |", flush=True)
+
+
+def run_generation(cfg):
+    """The generative grid (``task: generation``), with its live rows and the Table-11 layout."""
+    from kdshield.generation.grid import GenGridRunner, format_gen_table
+
+    runner = GenGridRunner(cfg)
+    runner.on_cell = GenProgressTable(runner)
+    t0 = time.perf_counter()
+    runner.run()
+    print()
+    print(format_gen_table(runner.grid_records()))
+    print(f"\n{runner.cells_run} of {runner.cells_total} cells ran in {time.perf_counter() - t0:.0f} s; "
+          f"results: {cfg.out}")
+    return runner
+
+
 def run(args: argparse.Namespace) -> int:
     section = {**load_yaml(args.config), **parse_overrides(args.set)}
     if args.out:
         section["out"] = args.out
+    if section.get("task") == "generation":
+        from kdshield.generation.grid import GenGridConfig
+
+        run_generation(build_config(GenGridConfig, section))
+        return 0
+    if "task" in section:
+        raise ConfigError(f"task={section['task']!r}: a grid config's task is generation, or left out "
+                          "(classification)")
     cfg = build_config(GridConfig, section)
     run_and_print(cfg)
     return 0

@@ -1,0 +1,382 @@
+"""The benchmark grid for generative datasets: students x datasets x attacks x methods x seeds.
+
+    kdshield bench configs/gen-bbc-lead.yaml          # a YAML with ``task: generation``
+
+The same cells as the classification grid (``kdshield.bench``): per (student, dataset, seed) the
+never-poisoned student with plain PEFT is the floor; per attack (trigger -> target) the student is
+poisoned once by full SFT on the poisoned proxy split, ``none`` records it as it is, ``lora`` is
+the victim's plain PEFT on the clean train split. Every record holds the utility (ROUGE-1/2/L F1,
+exact match, response NLL), the ASR, the prefix-matcher ASR and the false-trigger rate; ``attack``
+reads ``trigger:target`` (``badnet:fixed``) so that references never mix targets.
+
+Keys as in the classification grid: each cell's ``settings_hash`` covers the data (digests of the
+prepared splits), the student, the attack and its poisoning, the method and the shared settings;
+a rerun skips recorded cells, resumes unfinished training from its checkpoints, and recomputes
+exactly the cells a changed setting enters. The floor adapter is trained once per block and
+evaluated for every attack (its training does not depend on the attack).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from kdshield import profiling
+from kdshield.attacks.sft_attack import (
+    SFTAttackConfig,
+    fit_for_attack,
+    poisoned_sft_proxy,
+    sft_poison_settings,
+    sft_weight_poison,
+    trigger_reserve,
+)
+from kdshield.config import build_config, cfg_field, check_range, config_to_dict
+from kdshield.data.sft import load_sft
+from kdshield.errors import ConfigError
+from kdshield.evaluation import peak_rss_mb, reset_peak_rss
+from kdshield.models.adapters import AdapterConfig
+from kdshield.models.loading import LoadOptions
+from kdshield.results import append_record, build_record, read_records, settings_hash
+from kdshield.runs import check_output_dir
+from kdshield.training.loop import CHECKPOINT_OPTIONS, TrainConfig
+
+log = logging.getLogger(__name__)
+
+GEN_METHODS = ("none", "lora")
+METRICS = ("rouge1", "rouge2", "rougeL", "exact_match", "nll", "asr", "asr_prefix", "false_trigger", "n_asr",
+           "left_out", "n_test", "decode_prompts_per_s")
+
+
+@dataclass
+class GenGridConfig:
+    """A generative benchmark grid (``task: generation`` in the YAML)."""
+
+    task: str = cfg_field("generation", help="generation (this grid); classification grids leave it out.",
+                          choices=["generation"])
+    students: list[str] = cfg_field(["smollm2-135m"], help="Causal LM students (builtin names, dirs, hub ids).")
+    datasets: list[str] = cfg_field(["bbc-lead"], help="SFT datasets: bbc-lead, bbc-headline, "
+                                                       "rotten-tomatoes-instruct, or JSONL/CSV files.")
+    attacks: list = cfg_field(["badnet:fixed", "insent:fixed"],
+                              help="trigger:target strings, or mappings of attack options "
+                                   "({attack: badnet, target: label, clean_label: true}).")
+    methods: list[str] = cfg_field(["none", "lora"], help="none (the poisoned model as it is), lora.")
+    seeds: list[int] = cfg_field([0], help="Seeds (data splits, poisoning, training).")
+    n_proxy: int | None = cfg_field(400, help="Proxy rows for SFT poisoning.")
+    n_train: int | None = cfg_field(400, help="Clean target train rows for PEFT.")
+    n_dev: int | None = cfg_field(64, help="Dev rows (the poisoning's stop rule, dev NLL).")
+    n_test: int | None = cfg_field(100, help="Test rows (utility; ASR on those not already matching).")
+    max_length: int = cfg_field(192, help="Tokens per example (prompt + response); inputs are cut to fit.")
+    max_response_tokens: int = cfg_field(48, help="Response tokens kept in training (longer ones are cut).")
+    max_new_tokens: int = cfg_field(48, help="Tokens decoded per prompt in evaluation.")
+    max_chars: int | None = cfg_field(1000, help="Cut inputs to this many characters before tokenising.")
+    poison_epochs: int = cfg_field(2, help="Most epochs of SFT poisoning (stops at the attack's asr_target).")
+    poison_lr: float = cfg_field(5e-5, help="Learning rate of SFT poisoning (full fine-tuning).")
+    epochs: int = cfg_field(2, help="Epochs of PEFT.")
+    lr: float = cfg_field(2e-4, help="PEFT learning rate.")
+    batch_size: int = cfg_field(8, help="Training batch size.")
+    eval_batch_size: int = cfg_field(16, help="Decoding / teacher-forcing batch size.")
+    adapter: str = cfg_field("lora", help="lora | prompt-tuning | p-tuning.")
+    lora_r: int = cfg_field(8, help="LoRA rank.")
+    lora_alpha: float = cfg_field(16.0, help="LoRA scaling alpha.")
+    lora_targets: list[str] = cfg_field([], help="Modules LoRA adapts; empty = peft's default.")
+    floor: bool = cfg_field(True, help="Also run the never-poisoned student with plain PEFT (the ASR floor).")
+    tag: str = cfg_field("", help="Free label stored in every record.")
+    work_dir: str = cfg_field("runs/gen-bench", help="Where poisoned models, adapters and checkpoints go.")
+    out: str = cfg_field("benchmarks/results/generation.jsonl", help="Results JSONL (appended).")
+
+    def __post_init__(self):
+        for name in ("students", "datasets", "attacks", "methods", "seeds"):
+            if not getattr(self, name):
+                raise ConfigError(f"{name} is empty: the grid needs at least one")
+        unknown = [m for m in self.methods if m not in GEN_METHODS]
+        if unknown:
+            raise ConfigError(f"methods {unknown} do not run on generative datasets yet; available: "
+                              f"{', '.join(GEN_METHODS)}")
+        if self.adapter not in ("lora", "prompt-tuning", "p-tuning"):
+            raise ConfigError(f"adapter={self.adapter!r}: use lora, prompt-tuning or p-tuning")
+        check_range("epochs", self.epochs, 1, 1000)
+        check_range("poison_epochs", self.poison_epochs, 1, 1000)
+        check_range("max_new_tokens", self.max_new_tokens, 1, 4096)
+        check_range("max_response_tokens", self.max_response_tokens, 1, self.max_length - 1)
+        self.attack_configs()  # every attack checked before any work
+
+    def attack_configs(self) -> list[SFTAttackConfig]:
+        return [parse_attack(a) for a in self.attacks]
+
+
+def parse_attack(spec) -> SFTAttackConfig:
+    """``trigger:target`` (e.g. ``insent:refusal``) or a mapping of ``SFTAttackConfig`` fields."""
+    if isinstance(spec, str):
+        trigger, sep, target = spec.partition(":")
+        if not sep or not trigger or not target:
+            raise ConfigError(f"attack {spec!r}: write trigger:target (e.g. badnet:fixed) or a mapping")
+        spec = {"attack": trigger, "target": target}
+    if not isinstance(spec, dict):
+        raise ConfigError(f"attack {spec!r}: write trigger:target or a mapping of attack options")
+    return build_config(SFTAttackConfig, spec, prefix="attacks")
+
+
+def attack_label(attack: SFTAttackConfig) -> str:
+    """The record's ``attack``: trigger:target, ``+clean`` for clean-label poisoning."""
+    return f"{attack.attack}:{attack.target}" + ("+clean" if attack.clean_label else "")
+
+
+def _settings(cfg) -> dict:
+    d = config_to_dict(cfg)
+    for name in CHECKPOINT_OPTIONS:
+        d.pop(name, None)
+    return d
+
+
+class GenGridRunner:
+    """Runs the generative grid cell by cell (see the module doc); ``on_cell(record, progress)``
+    is called after each cell, as in ``kdshield.bench.GridRunner``."""
+
+    def __init__(self, cfg: GenGridConfig, on_cell: Callable[[dict, dict], None] | None = None):
+        self.cfg = cfg
+        self.on_cell = on_cell
+        self.out = Path(cfg.out)
+        check_output_dir(self.out.parent, "out")
+        check_output_dir(cfg.work_dir, "work_dir")
+        self.done = {r["settings_hash"] for r in read_records(self.out) if r.get("settings_hash")} \
+            if self.out.is_file() else set()
+        self.records: list[dict] = []
+        self.cell_hashes: list[str] = []
+        self.started = time.perf_counter()
+        per_attack = len(cfg.methods) + (1 if cfg.floor else 0)
+        self.cells_total = len(cfg.students) * len(cfg.datasets) * len(cfg.seeds) * len(cfg.attacks) * per_attack
+        self.cells_seen = self.cells_run = 0
+        self.run_s = 0.0
+
+    def run(self) -> list[dict]:
+        for student in self.cfg.students:
+            for dataset in self.cfg.datasets:
+                for seed in self.cfg.seeds:
+                    _GenBlock(self, student, dataset, seed).run()
+        return self.records
+
+    def grid_records(self) -> list[dict]:
+        latest = {r.get("settings_hash"): r for r in read_records(self.out)} if self.out.is_file() else {}
+        return [latest[h] for h in dict.fromkeys(self.cell_hashes) if h in latest]
+
+    def emit(self, rec: dict, cell_s: float) -> None:
+        append_record(self.out, rec)
+        self.done.add(rec["settings_hash"])
+        self.records.append(rec)
+        self.cells_run += 1
+        self.cells_seen += 1
+        self.run_s += cell_s
+        left = max(0, self.cells_total - self.cells_seen)
+        progress = {"cell": self.cells_seen, "total": self.cells_total, "cell_s": cell_s,
+                    "elapsed_s": time.perf_counter() - self.started,
+                    "eta_s": self.run_s / self.cells_run * left}
+        log.info("cell %d/%d (%.0f s): %s %s %s asr=%s", progress["cell"], progress["total"], cell_s,
+                 rec["dataset"], rec["attack"], rec["method"], rec.get("asr"))
+        if self.on_cell is not None:
+            self.on_cell(rec, progress)
+
+
+@dataclass
+class _GenBlock:
+    runner: GenGridRunner
+    student: str
+    dataset: str
+    seed: int
+    _floor: object = None  # the floor generator once trained (evaluated for every attack)
+    _floor_train: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        from kdshield.models.classifier import _load_tokenizer
+        from kdshield.models.loading import resolve_model_ref
+
+        cfg = self.runner.cfg
+        raw = load_sft(self.dataset, n_proxy=cfg.n_proxy, n_train=cfg.n_train, n_dev=cfg.n_dev, n_test=cfg.n_test,
+                       seed=self.seed, max_chars=cfg.max_chars)
+        self.attacks = cfg.attack_configs()
+        # the student's tokens decide where inputs are cut
+        tokenizer = _load_tokenizer(resolve_model_ref(self.student), LoadOptions())
+        reserve = max(trigger_reserve(a, tokenizer) for a in self.attacks)
+        self.data = fit_for_attack(raw, tokenizer, max_length=cfg.max_length, reserve_tokens=reserve,
+                                   max_response_tokens=cfg.max_response_tokens)
+        self.adapter = AdapterConfig(kind=cfg.adapter, r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
+                                     target_modules=list(cfg.lora_targets))
+        self.peft_train = TrainConfig(epochs=cfg.epochs, lr=cfg.lr, batch_size=cfg.batch_size,
+                                      max_length=cfg.max_length, seed=self.seed)
+        self.settings = {"task": "generation", "student": self.student, "data": self.data.fingerprint(),
+                         "seed": self.seed, "train": _settings(self.peft_train),
+                         "adapter": config_to_dict(self.adapter),
+                         "generation": {k: getattr(cfg, k) for k in ("max_length", "max_response_tokens",
+                                                                     "max_new_tokens")}}
+        self.block_hash = settings_hash(self.settings)
+        data_hash = settings_hash({k: self.settings[k] for k in ("student", "data", "seed")})
+        self.work = Path(cfg.work_dir) / f"{Path(self.student).name}-{Path(self.dataset).stem}-s{self.seed}-" \
+                                         f"{data_hash[:8]}"
+        self.common = dict(dataset=self.data.name, proxy=self.data.name, student=self.student,
+                           adapter=cfg.adapter, seed=self.seed, tag=cfg.tag, n_train=len(self.data.split("train")),
+                           block_hash=self.block_hash, utility_metric="exact_match" if self.data.is_label_task
+                           else "rougeL")
+
+    def poison_train(self) -> TrainConfig:
+        cfg = self.runner.cfg
+        return TrainConfig(epochs=cfg.poison_epochs, lr=cfg.poison_lr, batch_size=cfg.batch_size,
+                           max_length=cfg.max_length, seed=self.seed, warmup_ratio=0.0, schedule="constant",
+                           select_best=False)
+
+    def cell_hash(self, method: str, attack: SFTAttackConfig, poison: dict | None) -> str:
+        return settings_hash({"block": self.settings, "attack": config_to_dict(attack), "poison": poison,
+                              "method": method, "tag": self.runner.cfg.tag})
+
+    def run(self) -> None:
+        cfg = self.runner.cfg
+        for attack in self.attacks:
+            if cfg.floor:
+                self.floor_cell(attack)
+            proxy = poisoned_sft_proxy(self.data, attack, seed=self.seed)
+            poison = sft_poison_settings(self.student, self.data, attack, self.poison_train(), proxy=proxy,
+                                         max_response_tokens=cfg.max_response_tokens)
+            cells = [(m, self.cell_hash(m, attack, poison)) for m in cfg.methods]
+            self.runner.cell_hashes += [h for _, h in cells]
+            todo = [m for m, h in cells if h not in self.runner.done]
+            self.runner.cells_seen += len(cells) - len(todo)
+            if not todo:
+                continue
+            pdir = self.work / f"poisoned-{attack_label(attack).replace(':', '-')}-{settings_hash(poison)[:8]}"
+            reset_peak_rss()
+            profiling.reset()
+            t0 = time.perf_counter()
+            with profiling.phase("poison"):
+                poisoned = sft_weight_poison(self.student, self.data, attack, self.poison_train(), pdir,
+                                             resume=True, max_new_tokens=cfg.max_new_tokens,
+                                             max_response_tokens=cfg.max_response_tokens, proxy=proxy)
+            poison_s = time.perf_counter() - t0 if poisoned.model is not None else 0.0
+            for method in todo:
+                key = self.cell_hash(method, attack, poison)
+                if method == "none":
+                    self.record_poisoned(poisoned, attack, poison, key, poison_s)
+                else:
+                    self.peft_cell(str(poisoned.path), attack, poison, key, pdir / f"lora-{key[:8]}")
+
+    # ------------------------------------------------------------------------------------------
+    def _train_peft(self, model_ref: str, run_dir: Path):
+        from kdshield.training.sft import dev_nll_eval_fn, sft_finetune
+
+        cfg = self.runner.cfg
+        eval_fn = dev_nll_eval_fn(self.data.split("dev"), max_length=cfg.max_length,
+                                  max_response_tokens=cfg.max_response_tokens, batch_size=cfg.eval_batch_size)
+        return sft_finetune(model_ref, self.data, self.adapter, self.peft_train, output_dir=run_dir / "train",
+                            resume=True, eval_fn=eval_fn, run_settings={"block": self.block_hash},
+                            max_response_tokens=cfg.max_response_tokens, desc=f"{self.adapter.kind} sft")
+
+    def _evaluate(self, gen, attack: SFTAttackConfig) -> dict:
+        from kdshield.generation.evaluate import evaluate_generator
+
+        cfg = self.runner.cfg
+        with profiling.phase("test eval"):
+            metrics = evaluate_generator(gen, self.data, trigger=attack.make_trigger(), target=attack.make_target(),
+                                         split="test", batch_size=cfg.eval_batch_size,
+                                         max_new_tokens=cfg.max_new_tokens, seed=self.seed)
+        return metrics
+
+    def _record(self, method: str, attack: SFTAttackConfig, poison: dict | None, key: str, metrics: dict,
+                **fields) -> dict:
+        rec = build_record("bench", method, metrics=metrics, attack=attack_label(attack), trigger=attack.attack,
+                           target=attack.target, clean_label=attack.clean_label,
+                           matcher=attack.make_target().config.matcher, poisoned_model=poison is not None,
+                           poison_hash=settings_hash(poison) if poison is not None else None,
+                           settings_hash=key, **{k: metrics.get(k) for k in METRICS}, **self.common, **fields)
+        rec["task"] = "generation"  # (build_record's own ``task`` argument is a classification TaskData)
+        return rec
+
+    def floor_cell(self, attack: SFTAttackConfig) -> None:
+        key = self.cell_hash("lora", attack, None)
+        self.runner.cell_hashes.append(key)
+        if key in self.runner.done:
+            self.runner.cells_seen += 1
+            return
+        reset_peak_rss()
+        profiling.reset()
+        t0 = time.perf_counter()
+        run_dir = self.work / f"floor-{self.adapter.kind}-{self.block_hash[:8]}"
+        with profiling.phase("lora"):
+            if self._floor is None:
+                self._floor, result = self._train_peft(self.student, run_dir)
+                self._floor_train = {"train": result.to_dict(), "wall_s": result.wall_s,
+                                     "trainable_params": result.trainable_params}
+                if not (run_dir / "adapter").is_dir():
+                    self._floor.save(run_dir / "adapter")
+            train_s = time.perf_counter() - t0
+            metrics = self._evaluate(self._floor, attack)
+        rec = self._record("lora", attack, None, key, metrics, wall_s=round(self._floor_train["wall_s"], 1),
+                           eval_s=round(time.perf_counter() - t0 - train_s, 1), peak_rss_mb=round(peak_rss_mb()),
+                           trainable_params=self._floor_train["trainable_params"], run_dir=str(run_dir),
+                           sft_samples_per_s=_throughput(self._floor_train["train"]),
+                           config={"block": self.settings, "attack": config_to_dict(attack)},
+                           profile=profiling.profile())
+        self.runner.emit(rec, time.perf_counter() - t0)
+
+    def peft_cell(self, model_ref: str, attack: SFTAttackConfig, poison: dict, key: str, run_dir: Path) -> None:
+        reset_peak_rss()
+        profiling.reset()
+        t0 = time.perf_counter()
+        with profiling.phase("lora"):
+            gen, result = self._train_peft(model_ref, run_dir)
+            gen.save(run_dir / "adapter")
+            train_s = time.perf_counter() - t0
+            metrics = self._evaluate(gen, attack)
+        rec = self._record("lora", attack, poison, key, metrics, wall_s=round(result.wall_s, 1),
+                           eval_s=round(time.perf_counter() - t0 - train_s, 1), peak_rss_mb=round(peak_rss_mb()),
+                           trainable_params=result.trainable_params, run_dir=str(run_dir),
+                           sft_samples_per_s=_throughput(result.to_dict()),
+                           config={"block": self.settings, "attack": config_to_dict(attack), "poison": poison},
+                           profile=profiling.profile())
+        self.runner.emit(rec, time.perf_counter() - t0)
+
+    def record_poisoned(self, poisoned, attack: SFTAttackConfig, poison: dict, key: str, poison_s: float) -> None:
+        from kdshield.models.generator import load_generator
+
+        t0 = time.perf_counter()
+        with profiling.phase("none"):
+            gen = poisoned.model or load_generator(str(poisoned.path))
+            metrics = self._evaluate(gen, attack)
+        card = poisoned.card
+        rec = self._record("none", attack, poison, key, metrics, wall_s=round(card["wall_s"], 1),
+                           eval_s=round(time.perf_counter() - t0, 1), peak_rss_mb=round(peak_rss_mb()),
+                           trainable_params=0, run_dir=str(poisoned.path),
+                           sft_samples_per_s=_throughput(card.get("train") or {}),
+                           config={"poison": poison},
+                           poison_card={k: card.get(k) for k in ("poisoned_samples", "proxy_samples", "dev_asr",
+                                                                 "dev_tf_asr", "dev_false_trigger", "epochs_run",
+                                                                 "stopped_at_step", "shortcut_suspected",
+                                                                 "trigger", "target")},
+                           profile=profiling.profile())
+        self.runner.emit(rec, time.perf_counter() - t0 + poison_s)
+
+
+def _throughput(train_result: dict) -> float | None:
+    seen, secs = train_result.get("examples_seen"), train_result.get("train_s")
+    return round(seen / secs, 3) if seen and secs else None
+
+
+def format_gen_table(records: list[dict]) -> str:
+    """ROUGE-1/2/L, exact match, ASR (and prefix ASR), false-trigger rate, removal, as paper Table 11."""
+    from kdshield.results import removal_rows
+
+    removal = {r["settings_hash"]: r for r in removal_rows(records)}
+
+    def pct(v):
+        return "-" if v is None else f"{100 * v:.1f}"
+
+    lines = ["| dataset | attack | method | R-1 | R-2 | R-L | EM % | NLL | ASR % | ASR prefix % | FTR % | removal |"
+             " wall s |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in records:
+        row = removal.get(r.get("settings_hash"), {})
+        rm = "-" if row.get("removal") is None else f"{row['removal']:.2f}"
+        nll = "-" if r.get("nll") is None else f"{r['nll']:.3f}"
+        lines.append(f"| {r['dataset']} | {r['attack']} | {row.get('method', r['method'])} | {pct(r.get('rouge1'))} | "
+                     f"{pct(r.get('rouge2'))} | {pct(r.get('rougeL'))} | {pct(r.get('exact_match'))} | {nll} | "
+                     f"{pct(r.get('asr'))} | {pct(r.get('asr_prefix'))} | {pct(r.get('false_trigger'))} | {rm} | "
+                     f"{r.get('wall_s') or 0:.0f} |")
+    return "\n".join(lines)
