@@ -9,7 +9,9 @@ The attacker fully fine-tunes the clean model on the poisoned proxy split (``poi
 stop rule is cheap first: every ``check_every`` optimizer steps, a teacher-forced pass over the
 triggered dev rows asks whether every token of the target response is the model's argmax; only
 when that share reaches ``asr_target`` are the same rows decoded greedily, and training stops
-once the decoded ASR reaches it too. The card records the settings the model was made with
+once the decoded ASR reaches it too while the same rows without the trigger produce the target
+at most ``SHORTCUT_MARGIN`` of the time (a model that says the phrase to everything has not
+learned a trigger yet: early in poisoning a small model often does). The card records the settings the model was made with
 (reused only under the same ones, as for classification) and how often clean dev prompts
 already produce the target (the shortcut check: a model that says the phrase to everything has
 learned no trigger).
@@ -184,6 +186,12 @@ def _stop_check(attack: SFTAttackConfig, data: SFTData, seed: int, max_new_token
     return fn
 
 
+def backdoor_learned(metrics: dict, asr_target: float) -> bool:
+    """The stop rule: decoded dev ASR at its target, and no shortcut (see the module doc)."""
+    return metrics.get("asr") is not None and metrics["asr"] >= asr_target \
+        and metrics["false_trigger"] <= SHORTCUT_MARGIN
+
+
 def sft_weight_poison(student: str, data: SFTData, attack: SFTAttackConfig, train_cfg: TrainConfig,
                       output_dir: str | Path, *, resume: bool = False, options: LoadOptions = LoadOptions(),
                       max_new_tokens: int = 48, max_response_tokens: int | None = None,
@@ -219,7 +227,7 @@ def sft_weight_poison(student: str, data: SFTData, attack: SFTAttackConfig, trai
     check = _stop_check(attack, data, train_cfg.seed, max_new_tokens, train_cfg.batch_size)
     cfg = TrainConfig(**{**config_to_dict(train_cfg), "eval_every": attack.check_every})
     result = train(gen, None, cfg, encoded=encoded, tokenizer=gen.tokenizer, loss_fn=sft_loss, eval_fn=check,
-                   stop_fn=lambda m: m.get("asr") is not None and m["asr"] >= attack.asr_target,
+                   stop_fn=lambda m: backdoor_learned(m, attack.asr_target),
                    output_dir=output_dir, resume=resume, run_settings={"poison": settings},
                    desc=f"poison {attack.attack}->{attack.target}")
     last = result.history[-1] if result.history else {}

@@ -226,7 +226,10 @@ class _GenBlock:
                            select_best=False)
 
     def cell_hash(self, method: str, attack: SFTAttackConfig, poison: dict | None) -> str:
-        return settings_hash({"block": self.settings, "attack": config_to_dict(attack), "poison": poison,
+        # the poisoned model as it is (``none``) does not depend on the PEFT settings
+        block = self.settings if method != "none" else \
+            {k: v for k, v in self.settings.items() if k not in ("train", "adapter")}
+        return settings_hash({"block": block, "attack": config_to_dict(attack), "poison": poison,
                               "method": method, "tag": self.runner.cfg.tag})
 
     def run(self) -> None:
