@@ -14,6 +14,7 @@ import argparse
 
 from kdshield.attacks.config import AttackConfig
 from kdshield.attacks.weight_poisoning import weight_poison
+from kdshield.cli import generative
 from kdshield.cli.common import (
     add_data_args,
     add_model_safety_args,
@@ -47,10 +48,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_config_arguments(parser, TrainConfig, prefix="train")
     add_model_safety_args(parser)
     add_run_args(parser)
+    generative.add_generative_args(parser)  # --task and the generative-only options
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    if generative.is_generative(args):  # SFT data or a generator: kdshield.cli.generative
+        return generative.run_attack(args)
     options = load_options(args, full_training="weight poisoning")  # before the data loads
     task, data_cfg = build_task(args)
     attack = build_attack(args, required=True)

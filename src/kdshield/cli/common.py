@@ -19,7 +19,8 @@ from kdshield.training.loop import TrainConfig
 def add_data_args(parser: argparse.ArgumentParser, required: bool = True) -> None:
     parser.add_argument("--data", required=required, metavar="NAME",
                         help="target dataset: builtin (rotten-tomatoes, bbc-news, tweets), paper dataset "
-                             "(sst2, imdb, cr, mr, olid, agnews, cola; with --data-dir) or a csv/tsv/json/jsonl file")
+                             "(sst2, imdb, cr, mr, olid, agnews, cola; with --data-dir), generative (SFT) builtin "
+                             "(bbc-lead, bbc-headline, rotten-tomatoes-instruct) or a csv/tsv/json/jsonl file")
     add_config_arguments(parser, DataConfig)
 
 
@@ -59,6 +60,8 @@ def valid_sections(args: argparse.Namespace) -> list[str]:
     """The sections a --config file may hold for this command: the common ones plus the prefix of
     every prefixed option group the command registered (each defense for ``defend``)."""
     prefixes = {key.split("__", 1)[0] for key in vars(args) if "__" in key}
+    if getattr(args, "_generative_options", False):  # attack / finetune / evaluate (cli.generative)
+        prefixes.add("generation")
     return sorted(set(COMMON_SECTIONS) | prefixes)
 
 

@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 from kdshield.attacks.config import AttackConfig, attack_name
+from kdshield.cli import generative
 from kdshield.cli.common import (
     add_data_args,
     add_model_safety_args,
@@ -39,7 +40,7 @@ DEFAULT_MAX_LENGTH = 64
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("evaluate", help="CA and ASR of a model on a dataset's test split",
                                    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", required=True, help="classifier directory (kdshield adapter or model)")
+    parser.add_argument("--model", required=True, help="classifier or generator directory (kdshield adapter or model)")
     add_data_args(parser)
     add_config_arguments(parser, AttackConfig)
     parser.add_argument("--split", default="test", help="split to evaluate (default: test)")
@@ -53,6 +54,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--config", metavar="YAML", help="YAML with data/attack sections")
     parser.add_argument("--results", metavar="JSONL", help="append a results record to this file")
     add_model_safety_args(parser)
+    generative.add_generative_args(parser)  # --task and the generative-only options
     parser.set_defaults(attack=None, func=run)
 
 
@@ -95,6 +97,8 @@ def check_label_names(model_names: list, data_names: list, model: str, data: str
 
 
 def run(args: argparse.Namespace) -> int:
+    if generative.is_generative(args):  # SFT data or a generator: kdshield.cli.generative
+        return generative.run_evaluate(args)
     if args.max_length is not None:
         check_range("--max-length", args.max_length, 2, 100_000)
     check_range("--batch-size", args.batch_size, 1, 65536)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 
 from kdshield.attacks.config import AttackConfig
+from kdshield.cli import generative
 from kdshield.cli.common import (
     add_data_args,
     add_model_safety_args,
@@ -46,10 +47,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--merge", action="store_true", help="also save a merged model (LoRA) in DIR/merged")
     add_model_safety_args(parser)
     add_run_args(parser)
+    generative.add_generative_args(parser)  # --task and the generative-only options
     parser.set_defaults(attack=None, func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    if generative.is_generative(args):  # SFT data or a generator: kdshield.cli.generative
+        return generative.run_finetune(args)
     adapter, train_cfg = build_adapter(args), build_train(args)
     # the load options are checked before the data loads (a quantised base on a machine without CUDA)
     options = load_options(args, full_training="adapter.kind=full" if adapter.kind == "full" else None)
