@@ -173,6 +173,9 @@ def test_cli_refuses_before_the_data_loads(command, flags, match, tiny_llama_dir
                                            no_native_bf16):
     import kdshield.cli.common as common
     import kdshield.models.classifier as classifier
+    from kdshield.cli import build_parser
+
+    build_parser()  # every command module imported now, so none binds the patched functions below
 
     def must_not_run(*a, **k):
         raise AssertionError("data or model loaded before the load options were checked")
