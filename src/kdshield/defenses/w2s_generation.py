@@ -1,0 +1,470 @@
+"""W2SDefense on tokens: a weak clean teacher distils into the PEFT adapter of a suspect causal LM.
+
+    kdshield bench configs/gen-bbc-lead.yaml --set 'methods=[none,lora,w2s]'
+
+    from kdshield.defenses.w2s_generation import GenW2SConfig, gen_w2s_defend
+    res = gen_w2s_defend("runs/p/model", data, GenW2SConfig(), base="smollm2-135m",
+                         peft_train=TrainConfig(max_length=128, batch_size=8),
+                         adapter=AdapterConfig(kind="lora"), output_dir="runs/w2s", max_response_tokens=48)
+    res.model.save("runs/w2s/adapter")
+
+The teacher is the student's clean base model cut to its first ``teacher_layers`` layers (final
+norm and tied head kept, so it has the student's tokenizer and width), fully SFT-ed on the clean
+train split. It is cached on disk keyed by its settings (model, layers, tokenizer, data, training
+settings), so every cell of a grid reuses it, and its outputs on the training rows are cached once
+per encoding: per response token the top-k log-probs at temperature T with their token ids plus
+one tail bin, and the pooled features of every example. No full-vocabulary logits are ever kept.
+
+The student (suspect model + LoRA) trains on response tokens with
+
+    alpha * CE + beta * T^2 * KL_topk(p_t || p_s) + gamma * mean_i ||h_s,i - h_t,i||^2
+
+(``training.losses.topk_distillation_kl``, ``feature_alignment``), where ``h`` is the pooled
+last-layer feature of example ``i`` itself (``feature_position``: the last prompt token, which
+emits the first response token, or the response mean). The teacher is frozen: eval(),
+requires_grad_(False), outputs computed under no_grad before the student starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from kdshield import assets
+from kdshield.config import cfg_field, check_choice, check_range, config_to_dict
+from kdshield.data.batching import Encoded, collate, epoch_batches
+from kdshield.data.core import rows_digest
+from kdshield.data.sft import SFTData
+from kdshield.defenses.base import Timer
+from kdshield.defenses.w2s import _cache_train_key
+from kdshield.errors import ConfigError
+from kdshield.models.adapters import AdapterConfig
+from kdshield.models.generator import (
+    Generator,
+    GeneratorOutput,
+    attach_generator_adapter,
+    load_generator,
+    pool_features,
+)
+from kdshield.models.loading import LoadOptions, resolve_model_ref
+from kdshield.profiling import phase
+from kdshield.results import settings_hash
+from kdshield.training.loop import (
+    SCHEDULES,
+    TrainConfig,
+    TrainResult,
+    drop_checkpoint_weights,
+    train,
+)
+from kdshield.training.losses import feature_alignment, topk_distillation_kl, topk_log_probs
+from kdshield.training.sft import ROW_COLUMNS, dev_nll_eval_fn, encode_sft, sft_finetune
+
+log = logging.getLogger(__name__)
+
+KD_MODES = ("auto", "on", "off")
+FEATURE_POSITIONS = ("last_prompt", "response_mean")
+
+
+@dataclass
+class GenW2SConfig:
+    """W2SDefense for causal-LM SFT. **The defaults are untuned** (no generative run has chosen
+    them yet; choose them on dev data, never on ASR). They start from the classification defense's
+    measured settings (docs/w2sdefense.md) for the same SmolLM2 student: alpha 1, beta 1, T 2,
+    gamma 0.01 on raw (unnormalised) features, lr 1e-3, 4 epochs, LoRA r16 / alpha 32. There the
+    alignment only unlearned with an lr high enough to move the features, and KD alone did not;
+    nothing says this transfers to tokens. The teacher is SmolLM2 cut to 12 of its 30 layers
+    (~71M parameters, the weak same-tokenizer teacher of ../shared/GENERATION.md): a cut model
+    has to relearn its output mapping, hence full SFT at 1e-4 (twice the attacker's poison_lr),
+    3 epochs. k = 32 keeps the cache at rows x response tokens x 33 floats."""
+
+    teacher: str | None = cfg_field(None, help="Clean teacher: builtin name, directory or hub id of a causal LM "
+                                               "(none: the student's clean base model, e.g. smollm2-135m).")
+    teacher_layers: int | None = cfg_field(12, help="Keep the teacher's first N decoder layers (its final norm and "
+                                                    "head stay); none: all of them.")
+    kd: str = cfg_field("auto", help="Token KD: on (needs the student's vocabulary), off (CE + feature alignment "
+                                     "only), auto (on when the vocabularies match).", choices=list(KD_MODES))
+    top_k: int = cfg_field(32, help="Teacher tokens kept per response position; the rest of its mass is one "
+                                    "tail bin (KL over k + 1 bins).")
+    alpha: float = cfg_field(1.0, help="Weight of the response cross-entropy.")
+    beta: float = cfg_field(1.0, help="Weight of the T^2-scaled top-k KL distillation (token mean).")
+    gamma: float = cfg_field(0.01, help="Weight of the per-example feature alignment (squared distance between "
+                                        "the student's pooled last-layer feature and the teacher's).")
+    temperature: float = cfg_field(2.0, help="Distillation temperature T.")
+    feature_position: str = cfg_field("last_prompt", help="Pooled feature aligned: last_prompt (the position that "
+                                                          "emits the first response token) or response_mean.",
+                                      choices=list(FEATURE_POSITIONS))
+    lr: float | None = cfg_field(1e-3, help="Student learning rate (none: the shared PEFT lr).")
+    epochs: int | None = cfg_field(4, help="Student epochs (none: the shared PEFT epochs).")
+    schedule: str | None = cfg_field(None, help="Student lr schedule (none: the shared one).",
+                                     choices=list(SCHEDULES))
+    lora_r: int | None = cfg_field(16, help="LoRA rank of the student's adapter (none: the shared rank); LoRA "
+                                            "adapters only.")
+    lora_alpha: float | None = cfg_field(32.0, help="LoRA alpha of the student's adapter (none: the shared one).")
+    seed: int | None = cfg_field(None, help="Seed of the student's training (none: the shared seed). The teacher "
+                                            "keeps the shared seed, so its cache is reused.")
+    teacher_epochs: int = cfg_field(3, help="Epochs of the teacher's full SFT.")
+    teacher_lr: float = cfg_field(1e-4, help="Learning rate of the teacher's full SFT.")
+    teacher_batch_size: int = cfg_field(8, help="Batch size of the teacher's SFT and of its cached outputs.")
+
+    def __post_init__(self):
+        for name in ("alpha", "beta", "gamma"):
+            check_range(f"w2s.{name}", getattr(self, name), 0, 1e4)
+        if self.alpha == self.beta == self.gamma == 0:
+            raise ConfigError("w2s.alpha, beta and gamma are all 0: nothing to train on")
+        if self.teacher_layers is not None:
+            check_range("w2s.teacher_layers", self.teacher_layers, 1, 10_000)
+        check_choice("w2s.kd", self.kd, KD_MODES)
+        check_range("w2s.top_k", self.top_k, 1, 1_000_000)
+        check_range("w2s.temperature", self.temperature, 0, 100, lo_open=True)
+        check_choice("w2s.feature_position", self.feature_position, FEATURE_POSITIONS)
+        if self.lr is not None:
+            check_range("w2s.lr", self.lr, 0, 1, lo_open=True)
+        if self.epochs is not None:
+            check_range("w2s.epochs", self.epochs, 1, 1000)
+        if self.schedule is not None:
+            check_choice("w2s.schedule", self.schedule, SCHEDULES)
+        if self.lora_r is not None:
+            check_range("w2s.lora_r", self.lora_r, 1, 65536)
+        if self.lora_alpha is not None:
+            check_range("w2s.lora_alpha", self.lora_alpha, 0, 1e6, lo_open=True)
+        if self.seed is not None:
+            check_range("w2s.seed", self.seed, 0, 2**32 - 1)
+        check_range("w2s.teacher_epochs", self.teacher_epochs, 1, 100)
+        check_range("w2s.teacher_lr", self.teacher_lr, 0, 1, lo_open=True)
+        check_range("w2s.teacher_batch_size", self.teacher_batch_size, 1, 65536)
+
+
+# --- the teacher ----------------------------------------------------------------------------------
+def truncate_generator(gen: Generator, layers: int) -> Generator:
+    """Keep the first ``layers`` decoder layers of ``gen``'s model, in place (embeddings, final norm
+    and the tied head stay): the same tokenizer and width, fewer layers."""
+    model = gen.model.get_base_model() if hasattr(gen.model, "get_base_model") else gen.model
+    decoder = getattr(model, "model", None)
+    blocks = getattr(decoder, "layers", None)
+    if not isinstance(blocks, torch.nn.ModuleList):
+        raise ConfigError(f"w2s.teacher_layers: cannot find the decoder layers of {model.config.model_type} "
+                          "(model.model.layers); set teacher_layers to none to use the whole teacher")
+    if layers > len(blocks):
+        raise ConfigError(f"w2s.teacher_layers={layers} but {gen.source or 'the teacher'} has {len(blocks)} "
+                          "layers; give at most that many (or none for all)")
+    decoder.layers = blocks[:layers]
+    model.config.num_hidden_layers = layers
+    if isinstance(getattr(model.config, "layer_types", None), list):  # per-layer attention kinds (Qwen3, Gemma3)
+        model.config.layer_types = model.config.layer_types[:layers]
+    return gen
+
+
+def tokenizer_digest(tokenizer) -> str:
+    """Short digest of a tokenizer's vocabulary and chat template (what token ids and prompts mean)."""
+    h = hashlib.sha256()
+    h.update(json.dumps(sorted(tokenizer.get_vocab().items())).encode())
+    h.update(str(getattr(tokenizer, "chat_template", None) or "").encode())
+    return h.hexdigest()[:16]
+
+
+def vocabulary_mismatch(teacher: Generator, student: Generator) -> str | None:
+    """Why token KD cannot compare the two models' next-token distributions, or None if it can."""
+    t_vocab, s_vocab = teacher.tokenizer.get_vocab(), student.tokenizer.get_vocab()
+    if t_vocab != s_vocab:
+        return f"their tokenizers differ ({len(t_vocab)} vs {len(s_vocab)} tokens)"
+    t_rows, s_rows = teacher.base_config.vocab_size, student.base_config.vocab_size
+    if t_rows != s_rows:
+        return f"their output layers differ ({t_rows} vs {s_rows} logits)"
+    return None
+
+
+def resolve_kd(cfg: GenW2SConfig, teacher: Generator, student: Generator) -> bool:
+    """Whether token KD runs; a ConfigError where the teacher cannot serve this student."""
+    mismatch = vocabulary_mismatch(teacher, student)
+    if mismatch and cfg.kd == "on":
+        raise ConfigError(f"w2s.kd=on: token KD needs one vocabulary, and teacher {teacher.source} and student "
+                          f"{student.source} differ: {mismatch}. Use a teacher with the student's tokenizer "
+                          "(the default: the student's base cut to teacher_layers), or kd: off")
+    if mismatch:
+        raise ConfigError(f"w2s: teacher {teacher.source} and student {student.source} have different "
+                          f"vocabularies ({mismatch}), so token KD is off and only feature alignment through a "
+                          "projection trained with the teacher could run: that projection path is not built "
+                          "yet. Use a teacher with the student's tokenizer")
+    if cfg.gamma and teacher.hidden_size != student.hidden_size:
+        raise ConfigError(f"w2s: teacher width {teacher.hidden_size} != student width {student.hidden_size}: "
+                          "feature alignment needs a projection trained with the teacher, not built yet. Use "
+                          "a teacher of the student's width (its base cut to teacher_layers) or gamma: 0")
+    return cfg.kd != "off" and cfg.beta > 0
+
+
+def teacher_train_config(cfg: GenW2SConfig, *, max_length: int, seed: int, precision: str = "auto") -> TrainConfig:
+    """The teacher's full SFT (it shares only length, seed and precision with the student); the
+    epoch of best dev NLL is kept (dev data is clean, so that choice cannot see a backdoor)."""
+    return TrainConfig(epochs=cfg.teacher_epochs, lr=cfg.teacher_lr, batch_size=cfg.teacher_batch_size,
+                       max_length=max_length, seed=seed, precision=precision, checkpoint_every=0, select_best=True)
+
+
+@dataclass
+class GenTeacher:
+    gen: Generator
+    path: Path  # the cache entry: model/, teacher.json, outputs-*.safetensors
+    ref: str
+    layers: int | None
+    dev_nll: float | None
+    trained: bool  # False when loaded from the cache
+    kd: bool = True  # whether token KD runs with this teacher and student (kd: auto resolved)
+
+    def describe(self) -> dict:
+        return {"ref": self.ref, "layers": self.layers, "path": str(self.path), "dev_nll": self.dev_nll,
+                "trained": self.trained, "parameters": sum(p.numel() for p in self.gen.parameters()),
+                "hidden_size": self.gen.hidden_size}
+
+
+def prepare_gen_teacher(cfg: GenW2SConfig, data: SFTData, student: Generator, *, base: str, max_length: int,
+                        max_response_tokens: int | None, seed: int, precision: str = "auto",
+                        options: LoadOptions = LoadOptions(), cache_root: Path | None = None) -> GenTeacher:
+    """The clean teacher, fully SFT-ed on ``data``'s train split (dev NLL selects the epoch), or
+    reused from the cache. It reads the student's token ids: with one vocabulary its SFT and its
+    cached outputs use the student's tokenizer (and chat template), so every position lines up.
+    A teacher that cannot serve ``student`` (``resolve_kd``) is a ConfigError before any training."""
+    student_tokenizer = student.tokenizer
+    options = options.for_full_training("the W2SDefense teacher")
+    ref = str(cfg.teacher or base)
+    teacher_train = teacher_train_config(cfg, max_length=max_length, seed=seed, precision=precision)
+    train_rows, dev = data.split("train"), data.splits.get("dev")
+    key_src = {"teacher": ref, "resolved": str(resolve_model_ref(ref, options)), "layers": cfg.teacher_layers,
+               "tokenizer": tokenizer_digest(student_tokenizer), "data": rows_digest(train_rows, ROW_COLUMNS),
+               "dev": rows_digest(dev, ROW_COLUMNS) if dev is not None else None,
+               "max_response_tokens": max_response_tokens, "train": _cache_train_key(teacher_train)}
+    key = settings_hash(key_src)
+    root = cache_root or assets.cache_dir() / "gen-teachers"
+    layers = "all" if cfg.teacher_layers is None else cfg.teacher_layers
+    path = root / f"{Path(ref).name}-L{layers}-{key}"
+    info_path = path / "teacher.json"
+    if info_path.is_file():  # written last: the entry is whole
+        log.info("reusing cached teacher %s", path)
+        gen = load_generator(path / "model", options=options)
+        info = json.loads(info_path.read_text())
+        kd = resolve_kd(cfg, gen, student)
+        return _frozen(GenTeacher(gen, path, ref, cfg.teacher_layers, info.get("dev_nll"), trained=False, kd=kd))
+
+    torch.manual_seed(seed)
+    gen = load_generator(ref, options=options)
+    if cfg.teacher_layers is not None:
+        truncate_generator(gen, cfg.teacher_layers)
+    kd = resolve_kd(cfg, gen, student)  # before any training
+    gen.tokenizer = student_tokenizer  # one vocabulary: the student's prompts, token for token
+    dev_fn = dev_nll_eval_fn(dev, max_length=max_length, max_response_tokens=max_response_tokens,
+                             batch_size=cfg.teacher_batch_size) if dev is not None and len(dev) else None
+    gen, result = sft_finetune(gen, data, AdapterConfig(kind="full"), teacher_train, output_dir=path / "run",
+                               resume=True, eval_fn=dev_fn, run_settings={"teacher": key_src},
+                               max_response_tokens=max_response_tokens, desc="w2s teacher")
+    dev_nll = -result.best_score if result.best_score is not None else None
+    gen.save(path / "model")
+    info_path.write_text(json.dumps({"key": key_src, "dev_nll": dev_nll, "train": result.to_dict()}, indent=2,
+                                    default=str))
+    drop_checkpoint_weights(path / "run")  # model/ is the copy the cache serves
+    log.info("w2s teacher %s (%s layers): dev NLL %s (%.0f s)", ref, layers, dev_nll, result.wall_s)
+    return _frozen(GenTeacher(gen, path, ref, cfg.teacher_layers, dev_nll, trained=True, kd=kd))
+
+
+def _frozen(teacher: GenTeacher) -> GenTeacher:
+    teacher.gen.eval().requires_grad_(False)  # frozen from here on
+    return teacher
+
+
+# --- the teacher's outputs on the training rows ---------------------------------------------------
+def encoded_digest(encoded: Encoded) -> str:
+    """Digest of the exact token ids and labels the teacher's outputs are computed on."""
+    h = hashlib.sha256()
+    for ids, labels in zip(encoded.input_ids, encoded.token_labels or [[]] * len(encoded)):
+        h.update(json.dumps([ids, labels]).encode())
+    return h.hexdigest()[:16]
+
+
+@dataclass
+class TeacherOutputs:
+    """Per training row: its response tokens' top-k teacher bins (padded to the longest response)
+    and its pooled teacher features."""
+
+    indices: torch.Tensor  # [N, R, k] int32 token ids
+    log_probs: torch.Tensor  # [N, R, k + 1] at temperature T: top k, then the tail
+    lengths: torch.Tensor  # [N] response tokens per row (EOS included)
+    last_prompt: torch.Tensor  # [N, H]
+    response_mean: torch.Tensor  # [N, H]
+
+    def extras(self, feature_position: str) -> dict[str, torch.Tensor]:
+        """What the student's batches carry (``Encoded.extras``, indexed per row by the collator)."""
+        return {"t_idx": self.indices, "t_logp": self.log_probs, "t_len": self.lengths,
+                "t_feat": getattr(self, feature_position)}
+
+
+@torch.no_grad()
+def compute_teacher_outputs(teacher: Generator, encoded: Encoded, *, top_k: int, temperature: float,
+                            batch_size: int = 8) -> TeacherOutputs:
+    """The frozen teacher on every row of ``encoded`` (lean logits at response positions only)."""
+    teacher.eval()
+    device = next(teacher.parameters()).device
+    n = len(encoded)
+    lengths = torch.tensor([sum(t != -100 for t in labels) for labels in encoded.token_labels], dtype=torch.long)
+    width, k = int(lengths.max()), min(top_k, teacher.base_config.vocab_size)
+    indices = torch.zeros(n, width, k, dtype=torch.int32)
+    log_probs = torch.zeros(n, width, k + 1)
+    hidden = teacher.hidden_size
+    last_prompt, response_mean = torch.zeros(n, hidden), torch.zeros(n, hidden)
+    for rows in epoch_batches(encoded.lengths(), batch_size, 0, 0, shuffle=False):
+        batch = {name: v.to(device) for name, v in collate(encoded, rows).items()}
+        out = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                      position_ids=batch["position_ids"], labels=batch["labels"], output_hidden=True)
+        idx, logp = topk_log_probs(out.response_logits, k, temperature)
+        j = _ordinals(out)
+        ids = torch.tensor(rows)[out.rows.cpu()]
+        indices[ids, j.cpu()] = idx.cpu().to(torch.int32)
+        log_probs[ids, j.cpu()] = logp.cpu()
+        feats = pool_features(out.hidden, batch["labels"])
+        last_prompt[rows] = feats.last_prompt.float().cpu()
+        response_mean[rows] = feats.response_mean.float().cpu()
+    return TeacherOutputs(indices, log_probs, lengths, last_prompt, response_mean)
+
+
+def teacher_outputs(teacher: GenTeacher, encoded: Encoded, cfg: GenW2SConfig) -> TeacherOutputs:
+    """``compute_teacher_outputs``, cached in the teacher's entry per (encoding, k, T)."""
+    key = settings_hash({"encoded": encoded_digest(encoded), "top_k": cfg.top_k, "temperature": cfg.temperature})
+    path = teacher.path / f"outputs-{key}.safetensors"
+    if path.is_file():
+        return TeacherOutputs(**load_file(str(path)))
+    with phase("teacher outputs"):
+        out = compute_teacher_outputs(teacher.gen, encoded, top_k=cfg.top_k, temperature=cfg.temperature,
+                                      batch_size=cfg.teacher_batch_size)
+    tmp = path.with_suffix(".tmp")
+    save_file({f.name: getattr(out, f.name).contiguous() for f in dataclasses.fields(out)}, str(tmp))
+    tmp.replace(path)
+    return out
+
+
+# --- the student's objective ----------------------------------------------------------------------
+def _ordinals(out: GeneratorOutput) -> torch.Tensor:
+    """For each lean row (in row-major order): its index among its own example's response tokens."""
+    count = torch.bincount(out.rows, minlength=out.batch_size)
+    starts = count.cumsum(0) - count
+    return torch.arange(out.rows.shape[0], device=out.rows.device) - starts[out.rows]
+
+
+def gen_w2s_loss(out: GeneratorOutput, labels: torch.Tensor, teacher: dict[str, torch.Tensor], cfg: GenW2SConfig,
+                 *, kd: bool) -> tuple[torch.Tensor, dict]:
+    """The objective on one batch; ``out``: the student's lean output with hidden states,
+    ``teacher``: the batch's cached rows (``TeacherOutputs.extras``). Returns (loss, logs)."""
+    nll, count = out.token_nll()
+    if not torch.equal(count.cpu(), teacher["t_len"].long().cpu()):
+        raise RuntimeError("w2s: the batch's response tokens differ from the teacher's cached ones; the cache "
+                           "was computed on another encoding")
+    ce = nll.sum() / count.sum().clamp(min=1)
+    loss, logs = cfg.alpha * ce, {"ce": ce.detach()}
+    if kd:
+        rows, j = out.rows, _ordinals(out)
+        kl = topk_distillation_kl(out.response_logits, teacher["t_idx"][rows, j], teacher["t_logp"][rows, j],
+                                  cfg.temperature)
+        loss = loss + cfg.beta * kl
+        logs["kd"] = kl.detach()
+    if cfg.gamma:
+        feats = getattr(pool_features(out.hidden, labels), cfg.feature_position)
+        fa = feature_alignment(feats, teacher["t_feat"])  # example i against its own teacher row
+        loss = loss + cfg.gamma * fa
+        logs["fa"] = fa.detach()
+    return loss, logs
+
+
+def make_gen_w2s_loss_fn(cfg: GenW2SConfig, *, kd: bool, seen: dict | None = None):
+    """A ``train`` loss function reading the teacher's rows from the batch (``Encoded.extras``);
+    ``seen`` (optional) receives the first and the latest batch's loss terms."""
+    def loss_fn(model, batch):
+        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                    position_ids=batch.get("position_ids"), labels=batch["labels"], output_hidden=bool(cfg.gamma))
+        loss, logs = gen_w2s_loss(out, batch["labels"], batch, cfg, kd=kd)
+        if seen is not None:
+            terms = {k: round(float(v), 5) for k, v in logs.items()}
+            seen.setdefault("first", terms)
+            seen["last"] = terms
+        return loss, logs
+
+    return loss_fn
+
+
+# --- the defense ----------------------------------------------------------------------------------
+def student_settings(cfg: GenW2SConfig, peft_train: TrainConfig, adapter: AdapterConfig,
+                     ) -> tuple[TrainConfig, AdapterConfig]:
+    """The student's training and adapter settings: the shared ones with this defense's own
+    (lr, epochs, schedule, seed, LoRA rank / alpha); the last epoch's weights are kept."""
+    overrides = {k: v for k, v in (("lr", cfg.lr), ("epochs", cfg.epochs), ("schedule", cfg.schedule),
+                                    ("seed", cfg.seed)) if v is not None}
+    train_cfg = dataclasses.replace(peft_train, select_best=False, **overrides)
+    if adapter.kind == "lora":
+        changes = {k: v for k, v in (("r", cfg.lora_r), ("lora_alpha", cfg.lora_alpha)) if v is not None}
+        adapter = dataclasses.replace(adapter, **changes)
+    return train_cfg, adapter
+
+
+def planned_settings(cfg: GenW2SConfig, peft_train: TrainConfig, adapter: AdapterConfig) -> dict:
+    """The settings this defense runs with, as they enter a grid cell's key (checkpoint and
+    activation-recomputation options left out: they change no result)."""
+    from kdshield.training.loop import CHECKPOINT_OPTIONS
+
+    train_cfg, adapter = student_settings(cfg, peft_train, adapter)
+    teacher = teacher_train_config(cfg, max_length=peft_train.max_length, seed=peft_train.seed,
+                                   precision=peft_train.precision)
+    drop = set(CHECKPOINT_OPTIONS)
+    return {"train": {k: v for k, v in config_to_dict(train_cfg).items() if k not in drop},
+            "adapter": config_to_dict(adapter),
+            "teacher_train": {k: v for k, v in config_to_dict(teacher).items() if k not in drop}}
+
+
+@dataclass
+class GenW2SResult:
+    model: Generator
+    train: TrainResult
+    teacher: GenTeacher
+    kd: bool  # whether token KD ran (kd: auto resolved)
+    logs: dict
+
+
+def gen_w2s_defend(suspect: str | Path, data: SFTData, cfg: GenW2SConfig, *, base: str, peft_train: TrainConfig,
+                   adapter: AdapterConfig, output_dir: str | Path, max_response_tokens: int | None = None,
+                   eval_batch_size: int = 16, resume: bool = True, options: LoadOptions = LoadOptions(),
+                   teacher_cache: Path | None = None) -> GenW2SResult:
+    """W2SDefense of the suspect generator ``suspect`` on ``data``'s clean train split. ``base``:
+    the clean model the suspect was made from (the default teacher); ``peft_train`` / ``adapter``:
+    the shared PEFT settings, which this defense's own options override (``student_settings``)."""
+    output_dir = Path(output_dir)
+    train_cfg, adapter = student_settings(cfg, peft_train, adapter)
+    with Timer() as timer:
+        torch.manual_seed(train_cfg.seed)  # adapter initialisation
+        student = load_generator(suspect, options=options)
+        with Timer() as t_teacher, phase("teacher"):
+            teacher = prepare_gen_teacher(cfg, data, student, base=base, max_length=peft_train.max_length,
+                                          max_response_tokens=max_response_tokens, seed=peft_train.seed,
+                                          precision=peft_train.precision, options=options, cache_root=teacher_cache)
+            kd = teacher.kd
+            encoded = encode_sft(student.tokenizer, data.split("train"), max_length=train_cfg.max_length,
+                                 max_response_tokens=max_response_tokens)
+            outputs = teacher_outputs(teacher, encoded, cfg)
+        encoded.extras = outputs.extras(cfg.feature_position)
+        attach_generator_adapter(student, adapter)
+        dev = data.splits.get("dev")
+        eval_fn = dev_nll_eval_fn(dev, max_length=train_cfg.max_length, max_response_tokens=max_response_tokens,
+                                  batch_size=eval_batch_size) if dev is not None and len(dev) else None
+        seen: dict = {}
+        with Timer() as t_student:
+            loss_fn = make_gen_w2s_loss_fn(cfg, kd=kd, seen=seen)
+            result = train(student, None, train_cfg, encoded=encoded, loss_fn=loss_fn, eval_fn=eval_fn,
+                           output_dir=output_dir / "train", resume=resume, desc="w2s", eval_epochs="last",
+                           run_settings={"student": str(suspect), "adapter": config_to_dict(adapter),
+                                         "teacher": teacher.path.name, "w2s": config_to_dict(cfg)})
+    dev_nll = result.history[-1].get("nll") if result.history else None
+    logs = {"teacher": teacher.describe(), "kd": kd, "teacher_s": round(t_teacher.s, 1),
+            "student_s": round(t_student.s, 1), "wall_s": round(timer.s, 1), "dev_nll": dev_nll,
+            "loss_terms": seen or None, "cache_floats": int(outputs.log_probs.numel() + outputs.indices.numel())}
+    log.info("w2s: teacher %.0f s (trained: %s), student %.0f s, dev NLL %s, loss terms %s", t_teacher.s,
+             teacher.trained, t_student.s, dev_nll, seen)
+    return GenW2SResult(model=student, train=result, teacher=teacher, kd=kd, logs=logs)
