@@ -5,7 +5,9 @@
 The same cells as the classification grid (``kdshield.bench``): per (student, dataset, seed) the
 never-poisoned student with plain PEFT is the floor; per attack (trigger -> target) the student is
 poisoned once by full SFT on the poisoned proxy split, ``none`` records it as it is, ``lora`` is
-the victim's plain PEFT on the clean train split. Every record holds the utility (ROUGE-1/2/L F1,
+the victim's plain PEFT on the clean train split, ``w2s`` W2SDefense on tokens
+(``kdshield.defenses.w2s_generation``; options in ``method_config.w2s``, and ``clean_methods:
+[w2s]`` runs it on the never-poisoned student too). Every record holds the utility (ROUGE-1/2/L F1,
 exact match, response NLL), the ASR, the prefix-matcher ASR and the false-trigger rate; ``attack``
 reads ``trigger:target`` (``badnet:fixed``) so that references never mix targets.
 
@@ -45,7 +47,8 @@ from kdshield.training.loop import CHECKPOINT_OPTIONS, TrainConfig
 
 log = logging.getLogger(__name__)
 
-GEN_METHODS = ("none", "lora")
+GEN_METHODS = ("none", "lora", "w2s")
+CONFIGURED_METHODS = ("w2s",)  # methods with their own options (``method_config``)
 METRICS = ("rouge1", "rouge2", "rougeL", "exact_match", "nll", "asr", "asr_prefix", "false_trigger", "n_asr",
            "left_out", "n_test", "decode_prompts_per_s")
 
@@ -62,7 +65,11 @@ class GenGridConfig:
     attacks: list = cfg_field(["badnet:fixed", "insent:fixed"],
                               help="trigger:target strings, or mappings of attack options "
                                    "({attack: badnet, target: label, clean_label: true}).")
-    methods: list[str] = cfg_field(["none", "lora"], help="none (the poisoned model as it is), lora.")
+    methods: list[str] = cfg_field(["none", "lora"], help="none (the poisoned model as it is), lora, w2s "
+                                                          "(W2SDefense on tokens).")
+    clean_methods: list[str] = cfg_field([], help="Defenses also run on the never-poisoned student (e.g. [w2s]: "
+                                                  "what the defense costs a clean model).")
+    method_config: dict = cfg_field({}, help="Per-method options: {w2s: {gamma: 0.01, teacher_layers: 12}}.")
     seeds: list[int] = cfg_field([0], help="Seeds (data splits, poisoning, training).")
     n_proxy: int | None = cfg_field(400, help="Proxy rows for SFT poisoning.")
     n_train: int | None = cfg_field(400, help="Clean target train rows for PEFT.")
@@ -95,6 +102,17 @@ class GenGridConfig:
         if unknown:
             raise ConfigError(f"methods {unknown} do not run on generative datasets yet; available: "
                               f"{', '.join(GEN_METHODS)}")
+        unknown = [m for m in self.clean_methods if m not in CONFIGURED_METHODS]
+        if unknown:
+            raise ConfigError(f"clean_methods {unknown}: only defenses run on the never-poisoned student "
+                              f"({', '.join(CONFIGURED_METHODS)}; the floor is plain lora)")
+        for name, opts in self.method_config.items():  # every method's options checked before any work
+            if name not in CONFIGURED_METHODS:
+                raise ConfigError(f"method_config names {name!r}, which has no options; configurable: "
+                                  f"{', '.join(CONFIGURED_METHODS)}")
+            if opts is not None and not isinstance(opts, dict):
+                raise ConfigError(f"method_config.{name} must be a mapping of options, got {opts!r}")
+            self.method_options(name)
         if self.adapter not in ("lora", "prompt-tuning", "p-tuning"):
             raise ConfigError(f"adapter={self.adapter!r}: use lora, prompt-tuning or p-tuning")
         check_range("epochs", self.epochs, 1, 1000)
@@ -105,6 +123,13 @@ class GenGridConfig:
 
     def attack_configs(self) -> list[SFTAttackConfig]:
         return [parse_attack(a) for a in self.attacks]
+
+    def method_options(self, method: str):
+        """The config object of a configurable method (``method_config.<method>`` over its defaults)."""
+        from kdshield.defenses.w2s_generation import GenW2SConfig
+
+        classes = {"w2s": GenW2SConfig}
+        return build_config(classes[method], self.method_config.get(method), prefix=f"method_config.{method}")
 
 
 def parse_attack(spec) -> SFTAttackConfig:
@@ -146,7 +171,7 @@ class GenGridRunner:
         self.records: list[dict] = []
         self.cell_hashes: list[str] = []
         self.started = time.perf_counter()
-        per_attack = len(cfg.methods) + (1 if cfg.floor else 0)
+        per_attack = len(cfg.methods) + (1 if cfg.floor else 0) + len(set(cfg.clean_methods))
         self.cells_total = len(cfg.students) * len(cfg.datasets) * len(cfg.seeds) * len(cfg.attacks) * per_attack
         self.cells_seen = self.cells_run = 0
         self.run_s = 0.0
@@ -187,6 +212,7 @@ class _GenBlock:
     seed: int
     _floor: object = None  # the floor generator once trained (evaluated for every attack)
     _floor_train: dict = field(default_factory=dict)
+    _clean: dict = field(default_factory=dict)  # method -> its defense of the never-poisoned student
 
     def __post_init__(self):
         from kdshield.models.classifier import _load_tokenizer
@@ -226,17 +252,32 @@ class _GenBlock:
                            select_best=False)
 
     def cell_hash(self, method: str, attack: SFTAttackConfig, poison: dict | None) -> str:
+        if method in CONFIGURED_METHODS:
+            return settings_hash({**self.defense_key(method), "attack": config_to_dict(attack), "poison": poison})
         # the poisoned model as it is (``none``) does not depend on the PEFT settings
         block = self.settings if method != "none" else \
             {k: v for k, v in self.settings.items() if k not in ("train", "adapter")}
         return settings_hash({"block": block, "attack": config_to_dict(attack), "poison": poison,
                               "method": method, "tag": self.runner.cfg.tag})
 
+    def defense_key(self, method: str) -> dict:
+        """What a defense cell runs with besides the attack and the poisoning: the block without the
+        shared PEFT settings, which enter as the defense uses them (its own lr / epochs / rank
+        replace the shared ones, as ``Defense.planned_settings`` in the classification grid)."""
+        from kdshield.defenses.w2s_generation import planned_settings
+
+        mcfg = self.runner.cfg.method_options(method)
+        block = {k: v for k, v in self.settings.items() if k not in ("train", "adapter")}
+        return {"block": block, "planned": planned_settings(mcfg, self.peft_train, self.adapter), "method": method,
+                "method_config": config_to_dict(mcfg), "tag": self.runner.cfg.tag}
+
     def run(self) -> None:
         cfg = self.runner.cfg
         for attack in self.attacks:
             if cfg.floor:
                 self.floor_cell(attack)
+            for method in dict.fromkeys(cfg.clean_methods):
+                self.clean_cell(method, attack)
             proxy = poisoned_sft_proxy(self.data, attack, seed=self.seed)
             poison = sft_poison_settings(self.student, self.data, attack, self.poison_train(), proxy=proxy,
                                          max_response_tokens=cfg.max_response_tokens)
@@ -259,8 +300,10 @@ class _GenBlock:
                 key = self.cell_hash(method, attack, poison)
                 if method == "none":
                     self.record_poisoned(poisoned, attack, poison, key, poison_s)
-                else:
+                elif method == "lora":
                     self.peft_cell(str(poisoned.path), attack, poison, key, pdir / f"lora-{key[:8]}")
+                else:
+                    self.defense_cell(method, str(poisoned.path), attack, poison, key, pdir / f"{method}-{key[:8]}")
 
     # ------------------------------------------------------------------------------------------
     def _train_peft(self, model_ref: str, run_dir: Path):
@@ -336,6 +379,56 @@ class _GenBlock:
                            config={"block": self.settings, "attack": config_to_dict(attack), "poison": poison},
                            profile=profiling.profile())
         self.runner.emit(rec, time.perf_counter() - t0)
+
+    def _defend(self, method: str, model_ref: str, run_dir: Path):
+        from kdshield.defenses.w2s_generation import gen_w2s_defend
+
+        cfg = self.runner.cfg
+        return gen_w2s_defend(model_ref, self.data, cfg.method_options(method), base=self.student,
+                              peft_train=self.peft_train, adapter=self.adapter, output_dir=run_dir,
+                              max_response_tokens=cfg.max_response_tokens, eval_batch_size=cfg.eval_batch_size)
+
+    def defense_cell(self, method: str, model_ref: str, attack: SFTAttackConfig, poison: dict | None, key: str,
+                     run_dir: Path, reuse: dict | None = None) -> None:
+        """A defense of ``model_ref``, evaluated and recorded with its teacher and its settings;
+        ``reuse`` holds (and receives) trained defenses by method (the clean student's serves every
+        attack of the block)."""
+        reset_peak_rss()
+        profiling.reset()
+        t0 = time.perf_counter()
+        with profiling.phase(method):
+            result = (reuse or {}).get(method)
+            if result is None:
+                result = self._defend(method, model_ref, run_dir)
+                if not (run_dir / "adapter").is_dir():
+                    result.model.save(run_dir / "adapter")
+                if reuse is not None:
+                    reuse[method] = result
+            train_s = time.perf_counter() - t0
+            metrics = self._evaluate(result.model, attack)
+        defense_key = self.defense_key(method)
+        logs = result.logs
+        rec = self._record(method, attack, poison, key, metrics, wall_s=logs["wall_s"],
+                           eval_s=round(time.perf_counter() - t0 - train_s, 1), peak_rss_mb=round(peak_rss_mb()),
+                           trainable_params=result.train.trainable_params, run_dir=str(run_dir),
+                           sft_samples_per_s=_throughput(result.train.to_dict()), teacher=logs["teacher"],
+                           teacher_s=logs["teacher_s"], student_s=logs["student_s"], kd=result.kd,
+                           dev_nll=logs["dev_nll"], loss_terms=logs["loss_terms"],
+                           config={"block": self.settings, "attack": config_to_dict(attack), "poison": poison,
+                                   "method_config": defense_key["method_config"],
+                                   "planned": defense_key["planned"]},
+                           profile=profiling.profile())
+        self.runner.emit(rec, time.perf_counter() - t0)
+
+    def clean_cell(self, method: str, attack: SFTAttackConfig) -> None:
+        """``method`` on the never-poisoned student: trained once per block, evaluated per attack."""
+        key = self.cell_hash(method, attack, None)
+        self.runner.cell_hashes.append(key)
+        if key in self.runner.done:
+            self.runner.cells_seen += 1
+            return
+        run_dir = self.work / f"clean-{method}-{settings_hash(self.defense_key(method))[:8]}"
+        self.defense_cell(method, self.student, attack, None, key, run_dir, reuse=self._clean)
 
     def record_poisoned(self, poisoned, attack: SFTAttackConfig, poison: dict, key: str, poison_s: float) -> None:
         from kdshield.models.generator import load_generator
