@@ -135,7 +135,53 @@ def _settings(cfg) -> dict:
     return d
 
 
-class GridRunner:
+class CellRunner:
+    """What every grid runner shares: its results file and the cells already recorded there, the
+    grid's cells in order, and the progress each finished cell reports to ``on_cell``."""
+
+    def __init__(self, out: str | Path, work_dir: str | Path, on_cell: Callable[[dict, dict], None] | None,
+                 cells_total: int):
+        self.on_cell = on_cell  # called with (record, progress) after each cell (the CLI prints a row)
+        self.out = Path(out)
+        check_output_dir(self.out.parent, "out")  # before any work, not after the first cell
+        check_output_dir(work_dir, "work_dir")
+        self.done = {r["settings_hash"] for r in read_records(self.out) if r.get("settings_hash")} \
+            if self.out.is_file() else set()
+        self.records: list[dict] = []
+        self.started = time.perf_counter()
+        self.cells_total = cells_total
+        self.cells_seen = self.cells_run = 0
+        self.cell_hashes: list[str] = []  # every cell of this grid, recorded earlier or now, in grid order
+        self.run_s = 0.0  # time of the cells that ran (skipped ones cost nothing)
+        self.cells_to_run = 0  # cells of this grid without a record, when counted before the first runs
+
+    def grid_records(self) -> list[dict]:
+        """The records of this grid's cells (the latest per cell), in grid order: what its table shows,
+        whatever else the results file holds."""
+        latest = {r.get("settings_hash"): r for r in read_records(self.out)} if self.out.is_file() else {}
+        return [latest[h] for h in dict.fromkeys(self.cell_hashes) if h in latest]
+
+    def emit(self, rec: dict, cell_s: float) -> None:
+        append_record(self.out, rec)
+        self.done.add(rec["settings_hash"])
+        self.records.append(rec)
+        self.cells_run += 1
+        self.cells_seen += 1
+        self.run_s += cell_s
+        left = max(0, self.cells_to_run - self.cells_run) if self.cells_to_run else \
+            max(0, self.cells_total - self.cells_seen)
+        progress = {"cell": self.cells_seen, "total": self.cells_total, "cell_s": cell_s,
+                    "elapsed_s": time.perf_counter() - self.started,
+                    # the cells still to run, at the mean time of those run so far (a rough guide:
+                    # a W2SDefense cell takes about twice a LoRA cell)
+                    "eta_s": self.run_s / self.cells_run * left}
+        log.info("cell %d/%d (%.0f s): %s", progress["cell"], progress["total"], cell_s,
+                 json.dumps({k: rec.get(k) for k in ("dataset", "attack", "method", "poisoned_model", "ca", "asr")}))
+        if self.on_cell is not None:
+            self.on_cell(rec, progress)
+
+
+class GridRunner(CellRunner):
     """Runs the grid cell by cell. Every cell is keyed by the hash of the settings it runs with
     (``settings_hash`` in its record): the data it reads (digests of its splits), the student, the
     shared PEFT settings, the attack and its poisoning, the method and its options, the tag. A
@@ -143,21 +189,10 @@ class GridRunner:
     work directories are keyed the same way, so nothing made under other settings is reused."""
 
     def __init__(self, cfg: GridConfig, on_cell: Callable[[dict, dict], None] | None = None):
-        self.cfg = cfg
-        self.on_cell = on_cell  # called with (record, progress) after each cell (the CLI prints a row)
-        self.out = Path(cfg.out)
-        check_output_dir(self.out.parent, "out")  # before any work, not after the first cell
-        check_output_dir(cfg.work_dir, "work_dir")
-        self.done = {r["settings_hash"] for r in read_records(self.out) if r.get("settings_hash")} \
-            if self.out.is_file() else set()
-        self.records: list[dict] = []
-        self.started = time.perf_counter()
         per_attack = len(cfg.methods) + len(set((["lora"] if cfg.floor else []) + cfg.clean_methods))
-        self.cells_total = len(cfg.students) * len(cfg.datasets) * len(cfg.seeds) * len(cfg.attacks) * per_attack
-        self.cells_seen = self.cells_run = 0
-        self.cell_hashes: list[str] = []  # every cell of this grid, recorded earlier or now, in grid order
-        self.run_s = 0.0  # time of the cells that ran (skipped ones cost nothing)
-        self.cells_to_run = 0  # cells of this grid without a record, counted before the first runs
+        super().__init__(cfg.out, cfg.work_dir, on_cell, len(cfg.students) * len(cfg.datasets) * len(cfg.seeds)
+                         * len(cfg.attacks) * per_attack)
+        self.cfg = cfg
 
     def run(self) -> list[dict]:
         blocks = [self.make_block(student, spec, seed) for student in self.cfg.students
@@ -252,29 +287,6 @@ class GridRunner:
                 else:
                     block.run_cell(method, str(poisoned.path), attack, settings, pdir)
 
-    def grid_records(self) -> list[dict]:
-        """The records of this grid's cells (the latest per cell), in grid order: what its table shows,
-        whatever else the results file holds."""
-        latest = {r.get("settings_hash"): r for r in read_records(self.out)} if self.out.is_file() else {}
-        return [latest[h] for h in dict.fromkeys(self.cell_hashes) if h in latest]
-
-    def emit(self, rec: dict, cell_s: float) -> None:
-        append_record(self.out, rec)
-        self.done.add(rec["settings_hash"])
-        self.records.append(rec)
-        self.cells_run += 1
-        self.cells_seen += 1
-        self.run_s += cell_s
-        left = max(0, self.cells_to_run - self.cells_run)
-        progress = {"cell": self.cells_seen, "total": self.cells_total, "cell_s": cell_s,
-                    "elapsed_s": time.perf_counter() - self.started,
-                    # the cells still to run, at the mean time of those run so far (a rough guide:
-                    # a W2SDefense cell takes about twice a LoRA cell)
-                    "eta_s": self.run_s / self.cells_run * left}
-        log.info("cell %d/%d (%.0f s): %s", progress["cell"], progress["total"], cell_s,
-                 json.dumps({k: rec.get(k) for k in ("dataset", "attack", "method", "poisoned_model", "ca", "asr")}))
-        if self.on_cell is not None:
-            self.on_cell(rec, progress)
 
 
 @dataclass
