@@ -215,16 +215,26 @@ def prepare_teacher(cfg: W2SConfig, task: TaskData, student_hidden: int, train_c
     result = train(teacher, data, teacher_train, eval_fn=dev_eval_fn(task, max_length=max_length),
                    output_dir=path / "run", resume=True, desc="teacher")
     teacher.eval().requires_grad_(False)  # frozen from here on
-    preds = predict(teacher, data["text"], max_length=max_length, with_features=True,
-                    precision=train_cfg.precision)
-    logits = torch.from_numpy(preds.logits)
-    features = torch.from_numpy(preds.projected)
-    teacher.save(path / "model")
-    save_file({"logits": logits.contiguous(), "features": features.contiguous()}, str(outputs))
     dev_ca = result.best_score
-    info_path.write_text(json.dumps({"key": key_src, "dev_ca": dev_ca, "train": result.to_dict()}, indent=2,
-                                    default=str))
-    drop_checkpoint_weights(path / "run")  # the entry is whole: model/ is the copy the cache serves
+    # Several processes (accelerate launch) trained the teacher together; its outputs and the cache
+    # entry are computed once, by the main process, and the others read them when it is done.
+    from accelerate import PartialState
+
+    state = PartialState()
+    if state.is_main_process:
+        preds = predict(teacher, data["text"], max_length=max_length, with_features=True,
+                        precision=train_cfg.precision)
+        logits = torch.from_numpy(preds.logits)
+        features = torch.from_numpy(preds.projected)
+        teacher.save(path / "model")
+        save_file({"logits": logits.contiguous(), "features": features.contiguous()}, str(outputs))
+        info_path.write_text(json.dumps({"key": key_src, "dev_ca": dev_ca, "train": result.to_dict()}, indent=2,
+                                        default=str))
+        drop_checkpoint_weights(path / "run")  # the entry is whole: model/ is the copy the cache serves
+    state.wait_for_everyone()
+    if not state.is_main_process:
+        cached = load_file(str(outputs))
+        logits, features = cached["logits"], cached["features"]
     log.info("teacher %s: dev CA %.3f (%.0f s)", cfg.teacher, dev_ca or 0.0, result.wall_s)
     return Teacher(teacher, path, logits, features, dev_ca, trained=True)
 

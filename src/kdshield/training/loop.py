@@ -36,6 +36,18 @@ from kdshield.profiling import phase
 from kdshield.results import settings_diff, settings_hash
 from kdshield.training.losses import cross_entropy
 from kdshield.training.memory import CHECKPOINTING, enable_activation_checkpointing
+from kdshield.training.sharding import (
+    OPTIMIZER_FORMAT,
+    fit_wrap_policy,
+    full_state,
+    gather_into,
+    load_optimizer_state,
+    optimizer_state,
+    release,
+    shadow_of,
+    shard_like,
+    uses_fsdp,
+)
 
 log = logging.getLogger(__name__)
 
@@ -157,7 +169,9 @@ def _lr_lambda(schedule: str, warmup: int, total: int):
 
 
 def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {n: p.detach().cpu().clone().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+    """The trainable weights by name, full tensors on the CPU (under FSDP gathered from the shards:
+    every process calls it)."""
+    return full_state((n, p) for n, p in model.named_parameters() if p.requires_grad)
 
 
 def load_trainable(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
@@ -167,7 +181,7 @@ def load_trainable(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> No
         raise RunStateError(f"checkpoint does not match the model: unknown parameters {missing[:3]}")
     with torch.no_grad():
         for n, v in state.items():
-            params[n].copy_(v.to(params[n].device, params[n].dtype))
+            params[n].copy_(shard_like(v, params[n]))  # (under FSDP: this process's shard of v)
 
 
 def load_trained_weights(model: torch.nn.Module, train_dir: str | Path, which: str = "best") -> str:
@@ -251,10 +265,15 @@ class Checkpointer:
     """Atomic checkpoints in ``dir/checkpoint``: a new one is complete before the old one goes.
 
     ``state.json`` holds the run's resolved settings; a resume under other settings stops with the
-    settings that differ instead of continuing someone else's run."""
+    settings that differ instead of continuing someone else's run.
 
-    def __init__(self, output_dir: Path | None):
+    Several processes: every one calls ``save`` (under FSDP gathering the weights and optimizer
+    state is a collective), only the one with ``write`` writes. ``sharded``: the model is FSDP's,
+    its optimizer state is saved full and keyed by parameter name (``optimizer_format: fqn``)."""
+
+    def __init__(self, output_dir: Path | None, *, write: bool = True, sharded: bool = False):
         self.dir = Path(output_dir) / "checkpoint" if output_dir else None
+        self.write, self.sharded = write, sharded
 
     def exists(self) -> bool:
         return self.dir is not None and (self.dir / "state.json").is_file()
@@ -267,16 +286,26 @@ class Checkpointer:
             self._save(model, optimizer, scheduler, state, best, ema)
 
     def _save(self, model, optimizer, scheduler, state: dict, best: dict | None, ema: dict | None) -> None:
+        if not self.write and not self.sharded:
+            return  # (nothing to gather: another process writes)
+        weights = trainable_state(model)
+        averaged = full_state(ema.items()) if ema is not None else None
+        optim = optimizer_state(model, optimizer) if self.sharded else optimizer.state_dict()
+        saved = dict(state, scheduler=scheduler.state_dict())
+        if self.sharded:
+            saved["optimizer_format"] = OPTIMIZER_FORMAT
+        if not self.write:
+            return
+
         def write(tmp: Path) -> None:
-            save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
+            save_file(weights, str(tmp / "trainable.safetensors"))
             if best is not None:
                 save_file(best, str(tmp / "best.safetensors"))
-            if ema is not None:
-                save_file({n: v.detach().cpu().contiguous() for n, v in ema.items()}, str(tmp / "ema.safetensors"))
-            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+            if averaged is not None:
+                save_file(averaged, str(tmp / "ema.safetensors"))
+            torch.save(optim, tmp / "optimizer.pt")
             save_file({"cpu_rng": torch.get_rng_state()}, str(tmp / "rng.safetensors"))
-            (tmp / "state.json").write_text(json.dumps(dict(state, scheduler=scheduler.state_dict()), indent=1,
-                                                       default=float))
+            (tmp / "state.json").write_text(json.dumps(saved, indent=1, default=float))
 
         write_dir_atomically(self.dir, write)
 
@@ -289,8 +318,16 @@ class Checkpointer:
     def load(self, model, optimizer, scheduler, state: dict) -> tuple[dict | None, dict | None]:
         load_trainable(model, read_weights(self.dir / "trainable.safetensors"))
         if (self.dir / "optimizer.pt").is_file():
+            by_name = state.get("optimizer_format") == OPTIMIZER_FORMAT
+            if self.sharded and not by_name:
+                raise RunStateError(f"{self.dir} was written by a run without FSDP; resume it the way it was "
+                                    "launched, or rerun with --fresh")
             try:
-                optimizer.load_state_dict(torch.load(self.dir / "optimizer.pt", weights_only=True))
+                saved = torch.load(self.dir / "optimizer.pt", weights_only=True)
+                if by_name:  # written under FSDP: full and keyed by parameter name
+                    load_optimizer_state(model, optimizer, saved)
+                else:
+                    optimizer.load_state_dict(saved)
             except Exception as err:
                 raise RunStateError(f"the checkpoint file {self.dir / 'optimizer.pt'} is damaged ({err}); delete "
                                     f"{self.dir} to start afresh (or rerun with --fresh)") from err
@@ -308,9 +345,11 @@ class Checkpointer:
         """A finished run keeps what resuming and reloading it need (its settings, history and
         trained weights); the optimizer moments (2x the trainable weights) go unless asked for.
         ``keep_weights=False`` drops the weights too, for callers that saved the model elsewhere."""
-        if self.dir is None or not self.dir.is_dir():
+        if self.dir is None or not self.write or not self.dir.is_dir():
             return
         final = dict(state, scheduler=scheduler.state_dict(), finished=True)
+        if self.sharded:
+            final["optimizer_format"] = OPTIMIZER_FORMAT
         (self.dir / "state.json").write_text(json.dumps(final, indent=1, default=float))
         drop = [] if keep_optimizer else list(OPTIMIZER_FILES)
         if not keep_weights:
@@ -403,13 +442,30 @@ def train(model: torch.nn.Module, train_data: Dataset | None, config: TrainConfi
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     warmup = int(config.warmup_ratio * total_steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(config.schedule, warmup, total_steps))
-    model, optimizer = accelerator.prepare(model, optimizer)
-    unwrapped = accelerator.unwrap_model(model)
-    if hasattr(unwrapped, "max_length"):  # saved in kdshield.json; evaluate defaults to it
-        unwrapped.max_length = config.max_length
+    caller = model  # the module the caller holds: it keeps (or, under FSDP, gets back) the full weights
+    if hasattr(caller, "max_length"):  # saved in kdshield.json; evaluate defaults to it
+        caller.max_length = config.max_length
+    sharded = uses_fsdp(accelerator)
+    if sharded:  # training.sharding: a shadow of the caller's module is sharded, the caller's releases its weights
+        names = {id(p): n for n, p in model.named_parameters()}
+        param_names = [names[id(p)] for p in params]
+        fit_wrap_policy(accelerator, model)
+        model, optimizer = accelerator.prepare(shadow_of(caller), optimizer)
+        by_name = dict(model.named_parameters())
+        params = [by_name[n] for n in param_names]
+        release(caller, model)
+    else:
+        model, optimizer = accelerator.prepare(model, optimizer)
+    unwrapped = model if sharded else accelerator.unwrap_model(model)
+
+    def gathered() -> torch.nn.Module:
+        """The caller's module with the full weights (under FSDP gathered from the shards: a collective)."""
+        if sharded:
+            gather_into(caller, unwrapped)
+        return caller if sharded else unwrapped
 
     settings = run_settings_of(config, encoded, unwrapped, run_settings)
-    ckpt = Checkpointer(output_dir if accelerator.is_main_process else None)
+    ckpt = Checkpointer(output_dir, write=accelerator.is_main_process, sharded=sharded)
     # the moving average lives beside the weights, in fp32 (names of the unwrapped model)
     ema = ({n: p.detach().float().clone() for n, p in unwrapped.named_parameters() if p.requires_grad}
            if config.ema else None)
@@ -418,12 +474,12 @@ def train(model: torch.nn.Module, train_data: Dataset | None, config: TrainConfi
     best: dict | None = None
     epoch, batches_done, step = 0, 0, 0
     stop = False
-    resume_dir = Checkpointer(output_dir)
+    resume_dir = Checkpointer(output_dir, sharded=sharded)
     if resume and resume_dir.exists():
         state = resume_dir.check_settings(settings)
         best, saved_ema = resume_dir.load(unwrapped, optimizer, scheduler, state)
         if ema is not None:
-            ema = {n: v.to(ema[n].device) for n, v in saved_ema.items()} if saved_ema is not None else ema
+            ema = {n: shard_like(v, ema[n]) for n, v in saved_ema.items()} if saved_ema is not None else ema
         epoch, batches_done, step = state["epoch"], state["batches_done"], state["step"]
         result.history, result.best_score, result.best_step = state["history"], state["best_score"], state["best_step"]
         result.examples_seen, result.train_s = state["examples_seen"], state.get("train_s", 0.0)
@@ -450,9 +506,13 @@ def train(model: torch.nn.Module, train_data: Dataset | None, config: TrainConfi
         if ema is not None:
             load_trainable(unwrapped, ema)  # evaluate what training would return
         model.eval()
+        target = gathered()
+        target.eval()
         with phase("dev eval"), torch.no_grad(), accelerator.autocast():
-            metrics = dict(eval_fn(unwrapped))
+            metrics = dict(eval_fn(target))
         model.train()
+        if sharded:
+            release(caller, unwrapped)  # back to the shards alone
         metrics.update(step=step, epoch=epoch, at=tag)
         result.history.append(metrics)
         score = metrics.get("score")
@@ -529,6 +589,8 @@ def train(model: torch.nn.Module, train_data: Dataset | None, config: TrainConfi
         load_trainable(unwrapped, best)
     elif ema is not None:
         load_trainable(unwrapped, ema)
+    if sharded:  # the caller's module gets the full trained weights; the shards go with this function
+        gathered().train()
     result.steps = step
     result.wall_s = result.prior_wall_s + time.perf_counter() - start
     ckpt.finalize(snapshot_state(), scheduler, keep_optimizer=keep_optimizer, keep_weights=keep_weights)
