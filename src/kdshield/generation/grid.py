@@ -35,14 +35,14 @@ from kdshield.attacks.sft_attack import (
     sft_weight_poison,
     trigger_reserve,
 )
+from kdshield.bench import CellRunner
 from kdshield.config import build_config, cfg_field, check_range, config_to_dict
 from kdshield.data.sft import load_sft
 from kdshield.errors import ConfigError
 from kdshield.evaluation import peak_rss_mb, reset_peak_rss
 from kdshield.models.adapters import AdapterConfig
 from kdshield.models.loading import LoadOptions
-from kdshield.results import append_record, build_record, read_records, settings_hash
-from kdshield.runs import check_output_dir
+from kdshield.results import build_record, settings_hash
 from kdshield.training.loop import CHECKPOINT_OPTIONS, TrainConfig
 
 log = logging.getLogger(__name__)
@@ -156,25 +156,15 @@ def _settings(cfg) -> dict:
     return d
 
 
-class GenGridRunner:
+class GenGridRunner(CellRunner):
     """Runs the generative grid cell by cell (see the module doc); ``on_cell(record, progress)``
     is called after each cell, as in ``kdshield.bench.GridRunner``."""
 
     def __init__(self, cfg: GenGridConfig, on_cell: Callable[[dict, dict], None] | None = None):
-        self.cfg = cfg
-        self.on_cell = on_cell
-        self.out = Path(cfg.out)
-        check_output_dir(self.out.parent, "out")
-        check_output_dir(cfg.work_dir, "work_dir")
-        self.done = {r["settings_hash"] for r in read_records(self.out) if r.get("settings_hash")} \
-            if self.out.is_file() else set()
-        self.records: list[dict] = []
-        self.cell_hashes: list[str] = []
-        self.started = time.perf_counter()
         per_attack = len(cfg.methods) + (1 if cfg.floor else 0) + len(set(cfg.clean_methods))
-        self.cells_total = len(cfg.students) * len(cfg.datasets) * len(cfg.seeds) * len(cfg.attacks) * per_attack
-        self.cells_seen = self.cells_run = 0
-        self.run_s = 0.0
+        super().__init__(cfg.out, cfg.work_dir, on_cell, len(cfg.students) * len(cfg.datasets) * len(cfg.seeds)
+                         * len(cfg.attacks) * per_attack)
+        self.cfg = cfg
 
     def run(self) -> list[dict]:
         for student in self.cfg.students:
@@ -182,26 +172,6 @@ class GenGridRunner:
                 for seed in self.cfg.seeds:
                     _GenBlock(self, student, dataset, seed).run()
         return self.records
-
-    def grid_records(self) -> list[dict]:
-        latest = {r.get("settings_hash"): r for r in read_records(self.out)} if self.out.is_file() else {}
-        return [latest[h] for h in dict.fromkeys(self.cell_hashes) if h in latest]
-
-    def emit(self, rec: dict, cell_s: float) -> None:
-        append_record(self.out, rec)
-        self.done.add(rec["settings_hash"])
-        self.records.append(rec)
-        self.cells_run += 1
-        self.cells_seen += 1
-        self.run_s += cell_s
-        left = max(0, self.cells_total - self.cells_seen)
-        progress = {"cell": self.cells_seen, "total": self.cells_total, "cell_s": cell_s,
-                    "elapsed_s": time.perf_counter() - self.started,
-                    "eta_s": self.run_s / self.cells_run * left}
-        log.info("cell %d/%d (%.0f s): %s %s %s asr=%s", progress["cell"], progress["total"], cell_s,
-                 rec["dataset"], rec["attack"], rec["method"], rec.get("asr"))
-        if self.on_cell is not None:
-            self.on_cell(rec, progress)
 
 
 @dataclass
