@@ -16,8 +16,11 @@ Options of the other task are a ConfigError before any data or model loads.
 The data is prepared as the generative grid prepares it (``generation.grid``): ``load_sft``, then
 ``fit_for_attack`` with the trigger's reserve whenever an attack is given (so no trigger is ever cut
 off a prompt; without one nothing is reserved), inputs cut to ``--train.max-length`` (default 160)
-with responses capped at ``--max-response-tokens``. Generators load fp32 weights (no quantised or
-half-precision base yet); ``--train.precision bf16`` gives bf16 compute.
+with responses capped at ``--max-response-tokens``. ``--dtype`` / ``--quantize`` follow the
+classification rules: ``finetune`` with a PEFT adapter and ``evaluate`` load the weights in the
+given dtype (auto: bf16 where the device has it natively, fp32 on a CPU without it) or on a 4-bit /
+8-bit base (CUDA + bitsandbytes); ``attack`` (full SFT) and ``finetune --adapter.kind full`` train
+every weight in fp32 and refuse a half-precision or quantised base before any work.
 """
 
 from __future__ import annotations
@@ -265,17 +268,11 @@ def build_sft_attack(args: argparse.Namespace, required: bool = False) -> SFTAtt
     return build_config(SFTAttackConfig, section, args)
 
 
-def generator_load_options(args: argparse.Namespace) -> LoadOptions:
-    """Load options for a generator: fp32 weights (no quantised or half-precision base yet), so that
-    the run's key says what loaded."""
-    options = load_options(args)
-    if options.quantize != "none":
-        raise ConfigError(f"--quantize {options.quantize}: generators load unquantised weights for now; drop "
-                          "--quantize (it works for classifiers)")
-    if options.dtype in ("bf16", "fp16"):
-        raise ConfigError(f"--dtype {options.dtype}: generators load fp32 weights for now; drop --dtype (bf16 "
-                          "compute comes from --train.precision)")
-    return options.for_full_training("loading a generator")
+def generator_load_options(args: argparse.Namespace, *, full_training: str | None = None) -> LoadOptions:
+    """Load options for a generator, checked as for classifiers (``cli.common.load_options``):
+    ``full_training`` names the step when every weight trains (fp32; a half-precision or quantised
+    base is a ConfigError before any work)."""
+    return load_options(args, full_training=full_training)
 
 
 def _tokenizer(ref: str, options: LoadOptions):
@@ -381,6 +378,7 @@ def run_finetune(args: argparse.Namespace) -> int:
     """Plain PEFT SFT of --model on the clean train split; with --attack the test ASR it keeps."""
     from kdshield.defenses.base import Timer
     from kdshield.evaluation import peak_rss_mb
+    from kdshield.inference import resolve_load_dtype
     from kdshield.runs import RunDir
     from kdshield.training.sft import sft_finetune
 
@@ -389,7 +387,7 @@ def run_finetune(args: argparse.Namespace) -> int:
     if args.merge and adapter.kind != "lora":
         raise ConfigError(f"--merge merges a LoRA adapter into the weights; adapter.kind={adapter.kind} is saved "
                           "as DIR/adapter only (drop --merge)")
-    options = generator_load_options(args)
+    options = generator_load_options(args, full_training="adapter.kind=full" if adapter.kind == "full" else None)
     attack = build_sft_attack(args)
     results = results_path(args)
     check_output_dir(results.parent, "--results")
@@ -404,8 +402,8 @@ def run_finetune(args: argparse.Namespace) -> int:
         resume=args.resume, fresh=args.fresh).open()
     with Timer() as timer:
         gen, res = sft_finetune(args.model, data, adapter, train_cfg, output_dir=f"{args.out}/train",
-                                resume=args.resume, options=options, max_response_tokens=gen_opts.max_response_tokens,
-                                desc=f"{adapter.kind} sft")
+                                resume=args.resume, options=options, dtype=resolve_load_dtype(options.dtype),
+                                max_response_tokens=gen_opts.max_response_tokens, desc=f"{adapter.kind} sft")
     if gen_opts.max_new_tokens is not None:
         gen.max_new_tokens = gen_opts.max_new_tokens  # saved: evaluate's default
     gen.save(f"{args.out}/adapter")
@@ -417,7 +415,7 @@ def run_finetune(args: argparse.Namespace) -> int:
     print_gen_metrics("test", metrics)
     rec = _record("finetune", adapter.kind, data, attack, metrics, student=str(args.model), adapter=adapter.kind,
                   seed=train_cfg.seed, wall_s=round(wall, 1), peak_rss_mb=round(peak_rss_mb()),
-                  trainable_params=res.trainable_params, reused=run_dir.reused, load_dtype="fp32",
+                  trainable_params=res.trainable_params, reused=run_dir.reused, load_dtype=gen.load_dtype,
                   config={"train": res.config, "adapter": config_to_dict(adapter),
                           "generation": run_dir.settings["generation"],
                           **({"attack": config_to_dict(attack)} if attack is not None else {})})
@@ -462,6 +460,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
         append_record(results, _record(
             "evaluate", "evaluate", data, attack, metrics, student=str(args.model), wall_s=round(wall, 1),
             peak_rss_mb=round(peak_rss_mb()), trainable_params=gen.trainable_parameters(), split=args.split,
-            max_length=max_length, max_new_tokens=gen_opts.max_new_tokens or gen.max_new_tokens, load_dtype="fp32"))
+            max_length=max_length, max_new_tokens=gen_opts.max_new_tokens or gen.max_new_tokens,
+            load_dtype=gen.load_dtype))
     return 0
 

@@ -26,6 +26,13 @@ hidden states and labels line up with ``input_ids`` whatever the adapter.
 Saved generators are ordinary Hugging Face directories (merged or full) or an ``adapter/`` folder
 (peft, safetensors) whose base is recorded in ``kdshield.json`` (``"format": "kdshield-generator"``).
 All weights are safetensors; ``trust_remote_code`` only when the user asks (``LoadOptions``).
+
+The weights load as ``LoadOptions`` says, as a classifier's do: ``dtype`` (auto: bf16 where the
+device computes it natively, fp32 on a CPU without it), or a bitsandbytes base (``quantize``:
+4bit NF4 / 8bit, CUDA only) for PEFT; peft keeps LoRA / prompt weights fp32 on a half-precision
+base. A ``full`` adapter trains every weight: it needs fp32 weights (loaded again in fp32 under
+dtype auto, a ConfigError otherwise). ``Generator.load_dtype`` is what a results record's
+``load_dtype`` says.
 """
 
 from __future__ import annotations
@@ -46,6 +53,7 @@ from kdshield.models.classifier import FORMAT as CLASSIFIER_FORMAT
 from kdshield.models.classifier import META_FILE, _load_tokenizer, is_encoder_config
 from kdshield.models.loading import (
     LoadOptions,
+    quantization_config,
     read_json,
     resolve_model_ref,
     warn_ignored_remote_code,
@@ -138,6 +146,9 @@ class Generator(nn.Module):
         self.adapter_spec: dict | None = None
         self.max_length: int | None = None
         self.max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
+        # The weights as loaded: fp32 / bf16 / fp16, or nf4 / int8 for a quantised base.
+        self.load_dtype: str = "fp32"
+        self.load_options: LoadOptions | None = None  # the options it was loaded with
 
     @property
     def base_config(self):
@@ -257,6 +268,15 @@ def attach_generator_adapter(gen: Generator, cfg: AdapterConfig) -> Generator:
     if gen.adapter_spec is not None:
         raise ConfigError("this generator already has an adapter; load the merged model instead")
     if cfg.kind == "full":
+        options = gen.load_options
+        if gen.load_dtype in ("bf16", "fp16") and options is not None and options.dtype == "auto":
+            _reload_fp32(gen, options)  # auto = what suits the run: fp32 where every weight trains
+        if gen.load_dtype != "fp32":
+            # the commands check this before any work (LoadOptions.for_full_training); this is the backstop
+            raise ConfigError(f"full fine-tuning trains every weight and needs fp32 weights; this generator was "
+                              f"loaded as {gen.load_dtype} (quantised weights cannot train, and AdamW on "
+                              "half-precision weights loses the steps below their resolution). Load it with "
+                              "--dtype fp32 and without --quantize")
         for p in gen.model.parameters():
             p.requires_grad_(True)
         return gen
@@ -271,6 +291,23 @@ def attach_generator_adapter(gen: Generator, cfg: AdapterConfig) -> Generator:
                           "Set --adapter.target-modules to the model's attention projections.") from err
     gen.adapter_spec = {"kind": cfg.kind, "base": gen.source, "config": cfg.to_dict()}
     return gen
+
+
+def _reload_fp32(gen: Generator, options: LoadOptions) -> None:
+    """Replace ``gen``'s half-precision model (loaded under dtype auto) by the checkpoint's fp32
+    weights: full fine-tuning needs them, and casting the loaded copy up would start from rounded
+    weights."""
+    import logging
+
+    logging.getLogger(__name__).info("full fine-tuning: loading %s again in fp32 (dtype auto had loaded %s)",
+                                     gen.source, gen.load_dtype)
+    fp32 = options.for_full_training()
+    pad = gen.model.config.pad_token_id
+    path = resolve_model_ref(gen.source, fp32)
+    gen.model = None  # the half-precision copy is freed before the fp32 one loads
+    gen.model = _load_causal_lm(path, fp32, torch.float32)
+    gen.model.config.pad_token_id = pad
+    gen.load_dtype, gen.load_options = "fp32", fp32
 
 
 # --- loading --------------------------------------------------------------------------------------
@@ -321,6 +358,12 @@ def _load_causal_lm(path: str, options: LoadOptions, dtype: torch.dtype):
     kwargs = {"trust_remote_code": options.trust_remote_code, "dtype": dtype}
     if not options.allow_pickle:
         kwargs["use_safetensors"] = True
+    quantization = quantization_config(options)  # ConfigError here without CUDA / bitsandbytes
+    if quantization is not None:
+        # as for classifiers: bitsandbytes quantises while loading onto the GPU; the weights it leaves
+        # (embeddings, norms, the LM head) take the compute dtype
+        kwargs.update(quantization_config=quantization, device_map={"": torch.cuda.current_device()},
+                      dtype=quantization.bnb_4bit_compute_dtype if options.quantize == "4bit" else dtype)
     try:
         config = AutoConfig.from_pretrained(path, trust_remote_code=options.trust_remote_code)
         if getattr(config, "is_encoder_decoder", False) or is_encoder_config(config):
@@ -363,10 +406,16 @@ def _load_adapter_generator(path: Path, meta: dict, *, options: LoadOptions, dty
 
 @phase("model load")
 def load_generator(ref: str | Path, *, options: LoadOptions = LoadOptions(),
-                   dtype: torch.dtype = torch.float32) -> Generator:
+                   dtype: torch.dtype | None = None) -> Generator:
     """A generator from a builtin name, a directory (a Hugging Face causal LM, a merged or full
     kdshield generator, or a kdshield adapter directory: its recorded base + ``adapter/``) or a hub
-    id. The tokenizer pads with EOS when it has no pad token."""
+    id. The tokenizer pads with EOS when it has no pad token. The weights load in ``dtype`` (None:
+    ``options.dtype`` resolved by ``resolve_load_dtype``; auto is fp32 on a CPU without native
+    bf16), or quantised per ``options.quantize``."""
+    from kdshield.inference import load_dtype_name, resolve_load_dtype
+
+    if dtype is None:
+        dtype = resolve_load_dtype(options.dtype)
     path = resolve_model_ref(ref, options)
     meta = read_generator_meta(path)
     if meta is not None and meta.get("adapter"):
@@ -384,4 +433,6 @@ def load_generator(ref: str | Path, *, options: LoadOptions = LoadOptions(),
     if meta is not None:
         gen.max_length = meta.get("max_length")
         gen.max_new_tokens = meta.get("max_new_tokens") or DEFAULT_MAX_NEW_TOKENS
+    gen.load_dtype = {"4bit": "nf4", "8bit": "int8"}.get(options.quantize) or load_dtype_name(dtype)
+    gen.load_options = options
     return gen

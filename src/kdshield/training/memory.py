@@ -1,5 +1,5 @@
 """What training keeps in memory: activation (gradient) checkpointing of the Hugging Face model
-inside a Classifier (or any module holding one, under peft wrappers or not).
+inside a Classifier or a Generator (or any module holding one, under peft wrappers or not).
 
     on = enable_activation_checkpointing(clf, "auto")   # on from 1B parameters, else off
     # each decoder/encoder layer keeps only its input; backward recomputes the layer's forward
