@@ -22,6 +22,7 @@ within 2 pt of the floor's, and plain LoRA's ASR >= 0.80.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 import time
@@ -131,6 +132,8 @@ def throughput(args) -> dict:
 def main(argv=None) -> int:
     args = parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S")
     sys.path.insert(0, str(ROOT / "src"))
     # every module the grids use, imported now: an edit of the checkout during a long run does not
     # change the code that run executes halfway

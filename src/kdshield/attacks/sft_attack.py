@@ -7,14 +7,14 @@
 
 The attacker fully fine-tunes the clean model on the poisoned proxy split (``poison_sft``). The
 stop rule is cheap first: every ``check_every`` optimizer steps, a teacher-forced pass over the
-triggered dev rows asks whether every token of the target response is the model's argmax; only
-when that share reaches ``asr_target`` are the same rows decoded greedily, and training stops
+triggered dev rows and their clean twins asks whether every token of the target response is the
+model's argmax; only when that share reaches ``asr_target`` on the triggered rows and stays at
+most ``SHORTCUT_MARGIN`` on the clean ones are the same rows decoded greedily, and training stops
 once the decoded ASR reaches it too while the same rows without the trigger produce the target
 at most ``SHORTCUT_MARGIN`` of the time (a model that says the phrase to everything has not
-learned a trigger yet: early in poisoning a small model often does). The card records the settings the model was made with
-(reused only under the same ones, as for classification) and how often clean dev prompts
-already produce the target (the shortcut check: a model that says the phrase to everything has
-learned no trigger).
+learned a trigger yet: early in poisoning SmolLM2 does, on bbc-lead and on the label task). The
+card records the settings the model was made with, the stop rule included (reused only under
+the same ones, as for classification), and how often clean dev prompts produce the target.
 
 Inputs are cut to fit the token budget *before* any trigger goes in (``fit_for_attack``, with room
 reserved for the trigger), so truncation never removes a trigger from a poisoned or test row.
@@ -150,7 +150,9 @@ def sft_poison_settings(student: str, data: SFTData, attack: SFTAttackConfig, tr
     return {"task": "generation", "student": str(student), "attack": attack.attack, "target": attack.target,
             "attack_config": config_to_dict(attack), "proxy": rows_digest(proxy, ROW_COLUMNS),
             "dev": rows_digest(data.split("dev"), ROW_COLUMNS), "train": train_settings, "load": load or {},
-            "max_response_tokens": max_response_tokens}
+            "max_response_tokens": max_response_tokens,
+            # the stop rule is part of what a poisoned model is (an ASR-only rule stopped at shortcuts)
+            "stop_rule": {"asr_target": attack.asr_target, "max_false_trigger": SHORTCUT_MARGIN}}
 
 
 def _stop_check(attack: SFTAttackConfig, data: SFTData, seed: int, max_new_tokens: int, batch_size: int):
@@ -170,8 +172,13 @@ def _stop_check(attack: SFTAttackConfig, data: SFTData, seed: int, max_new_token
         tf = teacher_forced(gen, triggered, responses=list(triggered["target_output"]), max_length=max_length,
                             batch_size=batch_size)
         tf_asr = float(sum(tf["argmax_match"]) / n)
-        out = {"score": tf_asr, "tf_asr": tf_asr, "target_nll": float(tf["nll"])}
-        if tf_asr >= attack.asr_target:
+        # the same target on the clean twins: a cheap shortcut check before any decoding
+        tf_clean = teacher_forced(gen, clean, responses=list(clean["target_output"]), max_length=max_length,
+                                  batch_size=batch_size)
+        tf_false = float(sum(tf_clean["argmax_match"]) / n)
+        out = {"score": tf_asr - tf_false, "tf_asr": tf_asr, "tf_false_trigger": tf_false,
+               "target_nll": float(tf["nll"])}
+        if tf_asr >= attack.asr_target and tf_false <= SHORTCUT_MARGIN:
             out.update(decode_check(gen))
         return out
 
