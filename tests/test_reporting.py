@@ -248,7 +248,8 @@ def test_accelerate_configs_load(path):
     assert cfg.distributed_type.value == raw["distributed_type"] and cfg.num_processes == raw["num_processes"]
     kind = {"single-gpu.yaml": "NO", "multi-gpu-ddp.yaml": "MULTI_GPU", "fsdp.yaml": "FSDP"}[path.name]
     assert cfg.distributed_type.value == kind and (cfg.num_processes == 1) == (kind == "NO")  # what its name says
-    assert "-m kdshield bench" in path.read_text()  # the header shows the launch line
+    assert "accelerate launch --config_file configs/accelerate/" + path.name in path.read_text()  # its launch line
+    assert "-m kdshield " in path.read_text()
 
 
 def test_gpu_doc_names_existing_files():
