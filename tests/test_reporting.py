@@ -327,3 +327,25 @@ def test_bench_summary_removal_uses_the_same_poisoning():
     rows = summary_rows(records)
     assert rows[3]["removal"] == pytest.approx(1.0)  # (1.0 - 0.2) / (1.0 - 0.2)
     assert rows[4]["removal"] == pytest.approx(0.5)  # (0.6 - 0.4) / (0.6 - 0.2), the dirty-label model
+
+
+def test_report_has_a_generative_table_with_removal(tmp_path):
+    """Generative records get their own table (ROUGE, ASR, FTR, removal against the same block's
+    floor and the same poisoning); the CA tables leave them out."""
+    from kdshield.reporting import write_report
+
+    common = dict(task="generation", dataset="bbc-lead", proxy="bbc-lead", student="smollm2-135m", seed=0,
+                  attack="badnet:fixed", block_hash="b1", rouge1=0.30, rouge2=0.10, rougeL=0.25,
+                  exact_match=0.0, nll=2.5, asr_prefix=None, wall_s=10.0)
+    recs = [make_record("bench", "lora", **common, poisoned_model=False, asr=0.02, false_trigger=0.0,
+                        settings_hash="f"),
+            make_record("bench", "none", **common, poisoned_model=True, poison_hash="p1", asr=0.98,
+                        false_trigger=0.01, settings_hash="n"),
+            make_record("bench", "lora", **common, poisoned_model=True, poison_hash="p1", asr=0.50,
+                        false_trigger=0.0, settings_hash="l")]
+    text = write_report(recs, tmp_path / "r", ReportConfig(plots=False)).read_text()
+    table = text[text.index("## Generative tasks"):]
+    row = next(line for line in table.splitlines() if line.startswith("| bbc-lead | badnet:fixed | lora |"))
+    assert "| 50.0 |" in row and f"| {(0.98 - 0.50) / (0.98 - 0.02):.2f} |" in row  # ASR and removal
+    assert "lora (never poisoned)" in table
+    assert "No CA/ASR records matched." in text  # no classification rows made of generative records

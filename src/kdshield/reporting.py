@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from kdshield.config import cfg_field, check_choice
-from kdshield.results import References, variant_hash
+from kdshield.results import References, removal_rows, variant_hash
 
 log = logging.getLogger(__name__)
 
@@ -576,12 +576,34 @@ def _num(v, sep: str = "") -> str:
     return "-" if v is None else format(round(v), sep)
 
 
+def generation_table(records: list[dict]) -> str:
+    """ROUGE-1/2/L, exact match, ASR (and prefix ASR), false-trigger rate, removal, as paper Table 11."""
+    removal = {r["settings_hash"]: r for r in removal_rows(records)}
+
+    def pct(v):
+        return "-" if v is None else f"{100 * v:.1f}"
+
+    lines = ["| dataset | attack | method | R-1 | R-2 | R-L | EM % | NLL | ASR % | ASR prefix % | FTR % | removal |"
+             " wall s |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in records:
+        row = removal.get(r.get("settings_hash"), {})
+        rm = "-" if row.get("removal") is None else f"{row['removal']:.2f}"
+        nll = "-" if r.get("nll") is None else f"{r['nll']:.3f}"
+        lines.append(f"| {r['dataset']} | {r['attack']} | {row.get('method', r['method'])} | {pct(r.get('rouge1'))} | "
+                     f"{pct(r.get('rouge2'))} | {pct(r.get('rougeL'))} | {pct(r.get('exact_match'))} | {nll} | "
+                     f"{pct(r.get('asr'))} | {pct(r.get('asr_prefix'))} | {pct(r.get('false_trigger'))} | {rm} | "
+                     f"{r.get('wall_s') or 0:.0f} |")
+    return "\n".join(lines)
+
+
 def write_report(records: list[dict], out_dir: str | Path, cfg: ReportConfig | None = None, *,
                  sources: Sequence[str] = ()) -> Path:
     """``out_dir/report.md`` (tables, image links), ``*.csv`` and ``*.png``; returns report.md."""
     cfg = cfg or ReportConfig()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    generative = [r for r in records if r.get("task") == "generation"]
+    records = [r for r in records if r.get("task") != "generation"]  # CA tables: classifiers only
     rows, det, cost = summarise(records, cfg), detection_rows(records, cfg), cost_rows(records, cfg)
     read = f"{len(records)} records read" + (f" from {', '.join(sources)}" if sources else "")
     md = [f"# {cfg.title}", "", f"{read}; runs {', '.join(cfg.runs)}"
@@ -607,6 +629,12 @@ def write_report(records: list[dict], out_dir: str | Path, cfg: ReportConfig | N
         write_csv(rows, out / "results.csv")
     else:
         md += ["No CA/ASR records matched.", ""]
+    if generative:
+        md += ["## Generative tasks (ROUGE-1/2/L F1, exact match, ASR)", "", generation_table(generative), "",
+               "ASR: triggered test prompts whose greedy decode matches the target (rows whose reference "
+               "already matches are left out); ASR prefix: the decode starts with it; FTR: the same rows "
+               "without the trigger; removal against the floor (never-poisoned + LoRA) and the poisoned model "
+               "of the same block and poisoning.", ""]
     if cfg.plots:
         chosen = select(records, cfg)
         for title, fn, name, why in (("ASR vs LoRA rank", plot_rank, "asr_vs_rank.png", "rank"),

@@ -99,14 +99,15 @@ class GenProgressTable:
 
 def run_generation(cfg):
     """The generative grid (``task: generation``), with its live rows and the Table-11 layout."""
-    from kdshield.generation.grid import GenGridRunner, format_gen_table
+    from kdshield.generation.grid import GenGridRunner
+    from kdshield.reporting import generation_table
 
     runner = GenGridRunner(cfg)
     runner.on_cell = GenProgressTable(runner)
     t0 = time.perf_counter()
     runner.run()
     print()
-    print(format_gen_table(runner.grid_records()))
+    print(generation_table(runner.grid_records()))
     print(f"\n{runner.cells_run} of {runner.cells_total} cells ran in {time.perf_counter() - t0:.0f} s; "
           f"results: {cfg.out}")
     return runner

@@ -424,25 +424,3 @@ class _GenBlock:
 def _throughput(train_result: dict) -> float | None:
     seen, secs = train_result.get("examples_seen"), train_result.get("train_s")
     return round(seen / secs, 3) if seen and secs else None
-
-
-def format_gen_table(records: list[dict]) -> str:
-    """ROUGE-1/2/L, exact match, ASR (and prefix ASR), false-trigger rate, removal, as paper Table 11."""
-    from kdshield.results import removal_rows
-
-    removal = {r["settings_hash"]: r for r in removal_rows(records)}
-
-    def pct(v):
-        return "-" if v is None else f"{100 * v:.1f}"
-
-    lines = ["| dataset | attack | method | R-1 | R-2 | R-L | EM % | NLL | ASR % | ASR prefix % | FTR % | removal |"
-             " wall s |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for r in records:
-        row = removal.get(r.get("settings_hash"), {})
-        rm = "-" if row.get("removal") is None else f"{row['removal']:.2f}"
-        nll = "-" if r.get("nll") is None else f"{r['nll']:.3f}"
-        lines.append(f"| {r['dataset']} | {r['attack']} | {row.get('method', r['method'])} | {pct(r.get('rouge1'))} | "
-                     f"{pct(r.get('rouge2'))} | {pct(r.get('rougeL'))} | {pct(r.get('exact_match'))} | {nll} | "
-                     f"{pct(r.get('asr'))} | {pct(r.get('asr_prefix'))} | {pct(r.get('false_trigger'))} | {rm} | "
-                     f"{r.get('wall_s') or 0:.0f} |")
-    return "\n".join(lines)
