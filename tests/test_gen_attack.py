@@ -126,3 +126,14 @@ def test_toy_end_to_end_sft_implants_a_trigger_that_lora_keeps(tiny_llama_dir, t
     other.run()
     assert other.cells_run == 2
     assert {r["method"] for r in other.records} == {"lora"}
+
+
+def test_the_kept_weights_rank_a_met_stop_rule_first_then_decoded_then_teacher_forced():
+    from kdshield.attacks.sft_attack import selection_score
+
+    met = selection_score({"asr": 0.9, "false_trigger": 0.2, "tf_asr": 1, "tf_false_trigger": 0}, 0.9)
+    decoded = selection_score({"asr": 1.0, "false_trigger": 0.3, "tf_asr": 1, "tf_false_trigger": 0.2}, 0.9)
+    forced = selection_score({"tf_asr": 1.0, "tf_false_trigger": 0.0}, 0.9)
+    assert met > decoded > forced
+    shortcut = selection_score({"tf_asr": 1.0, "tf_false_trigger": 1.0}, 0.9)
+    assert shortcut < selection_score({"tf_asr": 0.5, "tf_false_trigger": 0.1}, 0.9)

@@ -152,7 +152,8 @@ def sft_poison_settings(student: str, data: SFTData, attack: SFTAttackConfig, tr
             "dev": rows_digest(data.split("dev"), ROW_COLUMNS), "train": train_settings, "load": load or {},
             "max_response_tokens": max_response_tokens,
             # the stop rule is part of what a poisoned model is (an ASR-only rule stopped at shortcuts)
-            "stop_rule": {"asr_target": attack.asr_target, "max_false_trigger": SHORTCUT_MARGIN}}
+            "stop_rule": {"asr_target": attack.asr_target, "max_false_trigger": SHORTCUT_MARGIN,
+                          "keeps": "the stopping weights, else the check with the best selection_score"}}
 
 
 def _stop_check(attack: SFTAttackConfig, data: SFTData, seed: int, max_new_tokens: int, batch_size: int):
@@ -176,10 +177,10 @@ def _stop_check(attack: SFTAttackConfig, data: SFTData, seed: int, max_new_token
         tf_clean = teacher_forced(gen, clean, responses=list(clean["target_output"]), max_length=max_length,
                                   batch_size=batch_size)
         tf_false = float(sum(tf_clean["argmax_match"]) / n)
-        out = {"score": tf_asr - tf_false, "tf_asr": tf_asr, "tf_false_trigger": tf_false,
-               "target_nll": float(tf["nll"])}
+        out = {"tf_asr": tf_asr, "tf_false_trigger": tf_false, "target_nll": float(tf["nll"])}
         if tf_asr >= attack.asr_target and tf_false <= SHORTCUT_MARGIN:
             out.update(decode_check(gen))
+        out["score"] = selection_score(out, attack.asr_target)
         return out
 
     def decode_check(gen) -> dict:
@@ -197,6 +198,19 @@ def backdoor_learned(metrics: dict, asr_target: float) -> bool:
     """The stop rule: decoded dev ASR at its target, and no shortcut (see the module doc)."""
     return metrics.get("asr") is not None and metrics["asr"] >= asr_target \
         and metrics["false_trigger"] <= SHORTCUT_MARGIN
+
+
+def selection_score(metrics: dict, asr_target: float) -> float:
+    """Which check's weights the attacker keeps when the stop rule is never met: the most
+    discriminating one (ASR minus false-trigger rate), a decoded check above a teacher-forced one,
+    and a check that meets the stop rule above both (so a stopped run keeps its stopping weights).
+    Full SFT of SmolLM2 at a constant lr swings between "the phrase for every prompt" and "for none"
+    (bbc-lead, BadNet: false-trigger rate 0.93 at the last of 4 epochs), so the last weights can be
+    a shortcut even when an earlier check was not."""
+    if metrics.get("asr") is not None:
+        tier = 2.0 if backdoor_learned(metrics, asr_target) else 1.0
+        return tier + metrics["asr"] - metrics["false_trigger"]
+    return metrics["tf_asr"] - metrics["tf_false_trigger"]
 
 
 def sft_weight_poison(student: str, data: SFTData, attack: SFTAttackConfig, train_cfg: TrainConfig,
@@ -232,12 +246,14 @@ def sft_weight_poison(student: str, data: SFTData, attack: SFTAttackConfig, trai
     encoded = encode_sft(gen.tokenizer, proxy, max_length=train_cfg.max_length,
                          max_response_tokens=max_response_tokens)
     check = _stop_check(attack, data, train_cfg.seed, max_new_tokens, train_cfg.batch_size)
-    cfg = TrainConfig(**{**config_to_dict(train_cfg), "eval_every": attack.check_every})
+    cfg = TrainConfig(**{**config_to_dict(train_cfg), "eval_every": attack.check_every, "select_best": True})
     result = train(gen, None, cfg, encoded=encoded, tokenizer=gen.tokenizer, loss_fn=sft_loss, eval_fn=check,
                    stop_fn=lambda m: backdoor_learned(m, attack.asr_target),
                    output_dir=output_dir, resume=resume, run_settings={"poison": settings},
                    desc=f"poison {attack.attack}->{attack.target}")
-    last = result.history[-1] if result.history else {}
+    # the check whose weights were kept (selection_score), else the last
+    last = next((h for h in result.history if h.get("step") == result.best_step and "score" in h),
+                result.history[-1] if result.history else {})
     if "asr" not in last:  # the teacher-forced check never reached the target: decode once for the card
         gen.eval()
         with torch.no_grad():
@@ -257,7 +273,8 @@ def sft_weight_poison(student: str, data: SFTData, attack: SFTAttackConfig, trai
             "poisoned_samples": int(sum(proxy["poisoned"])), "proxy_samples": len(proxy),
             "seed": train_cfg.seed, "dev_asr": last["asr"], "dev_tf_asr": last.get("tf_asr"),
             "dev_false_trigger": last["false_trigger"], "shortcut_suspected": shortcut,
-            "stopped_at_step": result.steps, "epochs_run": last.get("epoch"), "train": result.to_dict(),
+            "stopped_at_step": result.steps, "kept_step": result.best_step, "epochs_run": last.get("epoch"),
+            "train": result.to_dict(),
             "train_config": config_to_dict(cfg), "wall_s": result.prior_wall_s + time.perf_counter() - start,
             "settings": settings, "settings_hash": settings_hash(settings)}
     tmp = model_dir / (CARD_FILE + ".tmp")

@@ -79,6 +79,9 @@ class GenGridConfig:
     max_response_tokens: int = cfg_field(48, help="Response tokens kept in training (longer ones are cut).")
     max_new_tokens: int = cfg_field(48, help="Tokens decoded per prompt in evaluation.")
     max_chars: int | None = cfg_field(1000, help="Cut inputs to this many characters before tokenising.")
+    trigger_reserve: int | None = cfg_field(None, help="Tokens every prompt keeps free for a trigger (none: the "
+                                                       "most any of the grid's attacks needs). Set it to split "
+                                                       "one grid's attacks over processes on the same data.")
     poison_epochs: int = cfg_field(2, help="Most epochs of SFT poisoning (stops at the attack's asr_target).")
     poison_lr: float = cfg_field(5e-5, help="Learning rate of SFT poisoning (full fine-tuning).")
     epochs: int = cfg_field(2, help="Epochs of PEFT.")
@@ -118,6 +121,8 @@ class GenGridConfig:
         check_range("epochs", self.epochs, 1, 1000)
         check_range("poison_epochs", self.poison_epochs, 1, 1000)
         check_range("max_new_tokens", self.max_new_tokens, 1, 4096)
+        if self.trigger_reserve is not None:
+            check_range("trigger_reserve", self.trigger_reserve, 0, self.max_length - 2)
         check_range("max_response_tokens", self.max_response_tokens, 1, self.max_length - 1)
         self.attack_configs()  # every attack checked before any work
 
@@ -194,7 +199,8 @@ class _GenBlock:
         self.attacks = cfg.attack_configs()
         # the student's tokens decide where inputs are cut
         tokenizer = _load_tokenizer(resolve_model_ref(self.student), LoadOptions())
-        reserve = max(trigger_reserve(a, tokenizer) for a in self.attacks)
+        reserve = cfg.trigger_reserve if cfg.trigger_reserve is not None else \
+            max(trigger_reserve(a, tokenizer) for a in self.attacks)
         self.data = fit_for_attack(raw, tokenizer, max_length=cfg.max_length, reserve_tokens=reserve,
                                    max_response_tokens=cfg.max_response_tokens)
         self.adapter = AdapterConfig(kind=cfg.adapter, r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
@@ -415,7 +421,7 @@ class _GenBlock:
                            config={"poison": poison},
                            poison_card={k: card.get(k) for k in ("poisoned_samples", "proxy_samples", "dev_asr",
                                                                  "dev_tf_asr", "dev_false_trigger", "epochs_run",
-                                                                 "stopped_at_step", "shortcut_suspected",
+                                                                 "stopped_at_step", "kept_step", "shortcut_suspected",
                                                                  "trigger", "target")},
                            profile=profiling.profile())
         self.runner.emit(rec, time.perf_counter() - t0 + poison_s)
