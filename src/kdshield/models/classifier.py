@@ -29,7 +29,7 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_N
 from kdshield.errors import ConfigError, ModelLoadError
 from kdshield.models.loading import (
     LoadOptions,
-    quantization_config,
+    from_pretrained_kwargs,
     read_json,
     resolve_model_ref,
     warn_ignored_remote_code,
@@ -242,15 +242,7 @@ def _load_tokenizer(path: str, options: LoadOptions):
 
 
 def _load_backbone(path: str, options: LoadOptions, dtype: torch.dtype):
-    kwargs = {"trust_remote_code": options.trust_remote_code, "dtype": dtype}
-    if not options.allow_pickle:
-        kwargs["use_safetensors"] = True
-    quantization = quantization_config(options)  # ConfigError here without CUDA / bitsandbytes
-    if quantization is not None:
-        # bitsandbytes quantises while loading onto the GPU; the non-quantised weights (embeddings,
-        # norms) take the compute dtype
-        kwargs.update(quantization_config=quantization, device_map={"": torch.cuda.current_device()},
-                      dtype=quantization.bnb_4bit_compute_dtype if options.quantize == "4bit" else dtype)
+    kwargs = from_pretrained_kwargs(options, dtype)
     try:
         config = AutoConfig.from_pretrained(path, trust_remote_code=options.trust_remote_code)
         model = AutoModel.from_pretrained(path, **kwargs)

@@ -53,7 +53,7 @@ from kdshield.models.classifier import FORMAT as CLASSIFIER_FORMAT
 from kdshield.models.classifier import META_FILE, _load_tokenizer, is_encoder_config
 from kdshield.models.loading import (
     LoadOptions,
-    quantization_config,
+    from_pretrained_kwargs,
     read_json,
     resolve_model_ref,
     warn_ignored_remote_code,
@@ -355,15 +355,7 @@ def is_generator_dir(path: str | Path) -> bool:
 
 
 def _load_causal_lm(path: str, options: LoadOptions, dtype: torch.dtype):
-    kwargs = {"trust_remote_code": options.trust_remote_code, "dtype": dtype}
-    if not options.allow_pickle:
-        kwargs["use_safetensors"] = True
-    quantization = quantization_config(options)  # ConfigError here without CUDA / bitsandbytes
-    if quantization is not None:
-        # as for classifiers: bitsandbytes quantises while loading onto the GPU; the weights it leaves
-        # (embeddings, norms, the LM head) take the compute dtype
-        kwargs.update(quantization_config=quantization, device_map={"": torch.cuda.current_device()},
-                      dtype=quantization.bnb_4bit_compute_dtype if options.quantize == "4bit" else dtype)
+    kwargs = from_pretrained_kwargs(options, dtype)
     try:
         config = AutoConfig.from_pretrained(path, trust_remote_code=options.trust_remote_code)
         if getattr(config, "is_encoder_decoder", False) or is_encoder_config(config):

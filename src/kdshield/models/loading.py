@@ -120,6 +120,24 @@ def check_load_options(options: LoadOptions) -> LoadOptions:
     return options
 
 
+def from_pretrained_kwargs(options: LoadOptions, dtype) -> dict:
+    """The keyword arguments of ``from_pretrained`` for untrusted weights loaded under ``options``:
+    safetensors unless pickle is allowed, remote code only when trusted, and for a quantised base
+    the bitsandbytes config (ConfigError here without CUDA / bitsandbytes). bitsandbytes quantises
+    while loading onto the GPU; the weights it leaves (embeddings, norms, an LM head) take the
+    compute dtype."""
+    import torch
+
+    kwargs = {"trust_remote_code": options.trust_remote_code, "dtype": dtype}
+    if not options.allow_pickle:
+        kwargs["use_safetensors"] = True
+    quantization = quantization_config(options)
+    if quantization is not None:
+        kwargs.update(quantization_config=quantization, device_map={"": torch.cuda.current_device()},
+                      dtype=quantization.bnb_4bit_compute_dtype if options.quantize == "4bit" else dtype)
+    return kwargs
+
+
 def quantization_config(options: LoadOptions):
     """transformers' BitsAndBytesConfig for ``options.quantize`` (None for ``none``), checked first."""
     if options.quantize == "none":
