@@ -65,6 +65,22 @@ PRESETS: dict[str, dict] = {
 }
 
 
+def check_w2s_common(cfg) -> None:
+    """The checks every W2SDefense config shares (classification and generation): loss weights,
+    temperature, and the student settings it may replace (lr, epochs, schedule, rank, seed)."""
+    for name in ("alpha", "beta", "gamma"):
+        check_range(f"w2s.{name}", getattr(cfg, name), 0, 1e4)
+    if cfg.alpha == cfg.beta == cfg.gamma == 0:
+        raise ConfigError("w2s.alpha, beta and gamma are all 0: nothing to train on")
+    check_range("w2s.temperature", cfg.temperature, 0, 100, lo_open=True)
+    for name, lo, hi, lo_open in (("lr", 0, 1, True), ("epochs", 1, 1000, False), ("lora_r", 1, 65536, False),
+                                  ("lora_alpha", 0, 1e6, True), ("seed", 0, 2**32 - 1, False)):
+        if getattr(cfg, name) is not None:
+            check_range(f"w2s.{name}", getattr(cfg, name), lo, hi, lo_open=lo_open)
+    if cfg.schedule is not None:
+        check_choice("w2s.schedule", cfg.schedule, SCHEDULES)
+
+
 @dataclass
 class W2SConfig:
     """W2SDefense settings (paper section 3, Algorithm 1). The student keeps its last weights
@@ -102,23 +118,7 @@ class W2SConfig:
     teacher_max_length: int | None = cfg_field(None, help="Teacher max tokens (none: --train.max_length).")
 
     def __post_init__(self):
-        for name in ("alpha", "beta", "gamma"):
-            check_range(f"w2s.{name}", getattr(self, name), 0, 1e4)
-        if self.alpha == self.beta == self.gamma == 0:
-            raise ConfigError("w2s.alpha, beta and gamma are all 0: nothing to train on")
-        check_range("w2s.temperature", self.temperature, 0, 100, lo_open=True)
-        if self.lr is not None:
-            check_range("w2s.lr", self.lr, 0, 1, lo_open=True)
-        if self.epochs is not None:
-            check_range("w2s.epochs", self.epochs, 1, 1000)
-        if self.schedule is not None:
-            check_choice("w2s.schedule", self.schedule, SCHEDULES)
-        if self.lora_r is not None:
-            check_range("w2s.lora_r", self.lora_r, 1, 65536)
-        if self.lora_alpha is not None:
-            check_range("w2s.lora_alpha", self.lora_alpha, 0, 1e6, lo_open=True)
-        if self.seed is not None:
-            check_range("w2s.seed", self.seed, 0, 2**32 - 1)
+        check_w2s_common(self)
         check_range("w2s.head_refit_l2", self.head_refit_l2, 0, 1e4)
         check_range("w2s.teacher_epochs", self.teacher_epochs, 1, 100)
         check_range("w2s.teacher_lr", self.teacher_lr, 0, 1, lo_open=True)

@@ -43,7 +43,7 @@ from kdshield.data.batching import Encoded, collate, epoch_batches
 from kdshield.data.core import rows_digest
 from kdshield.data.sft import SFTData
 from kdshield.defenses.base import Timer
-from kdshield.defenses.w2s import _cache_train_key
+from kdshield.defenses.w2s import _cache_train_key, check_w2s_common
 from kdshield.errors import ConfigError
 from kdshield.models.adapters import AdapterConfig
 from kdshield.models.generator import (
@@ -114,28 +114,12 @@ class GenW2SConfig:
     teacher_batch_size: int = cfg_field(8, help="Batch size of the teacher's SFT and of its cached outputs.")
 
     def __post_init__(self):
-        for name in ("alpha", "beta", "gamma"):
-            check_range(f"w2s.{name}", getattr(self, name), 0, 1e4)
-        if self.alpha == self.beta == self.gamma == 0:
-            raise ConfigError("w2s.alpha, beta and gamma are all 0: nothing to train on")
+        check_w2s_common(self)
         if self.teacher_layers is not None:
             check_range("w2s.teacher_layers", self.teacher_layers, 1, 10_000)
         check_choice("w2s.kd", self.kd, KD_MODES)
         check_range("w2s.top_k", self.top_k, 1, 1_000_000)
-        check_range("w2s.temperature", self.temperature, 0, 100, lo_open=True)
         check_choice("w2s.feature_position", self.feature_position, FEATURE_POSITIONS)
-        if self.lr is not None:
-            check_range("w2s.lr", self.lr, 0, 1, lo_open=True)
-        if self.epochs is not None:
-            check_range("w2s.epochs", self.epochs, 1, 1000)
-        if self.schedule is not None:
-            check_choice("w2s.schedule", self.schedule, SCHEDULES)
-        if self.lora_r is not None:
-            check_range("w2s.lora_r", self.lora_r, 1, 65536)
-        if self.lora_alpha is not None:
-            check_range("w2s.lora_alpha", self.lora_alpha, 0, 1e6, lo_open=True)
-        if self.seed is not None:
-            check_range("w2s.seed", self.seed, 0, 2**32 - 1)
         check_range("w2s.teacher_epochs", self.teacher_epochs, 1, 100)
         check_range("w2s.teacher_lr", self.teacher_lr, 0, 1, lo_open=True)
         check_range("w2s.teacher_batch_size", self.teacher_batch_size, 1, 65536)
