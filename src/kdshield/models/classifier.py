@@ -23,13 +23,13 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
-from transformers import AutoConfig, AutoModel, AutoTokenizer
+from transformers import AutoModel, AutoTokenizer
 from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
 
 from kdshield.errors import ConfigError, ModelLoadError
 from kdshield.models.loading import (
     LoadOptions,
-    from_pretrained_kwargs,
+    load_pretrained,
     read_json,
     resolve_model_ref,
     warn_ignored_remote_code,
@@ -242,23 +242,7 @@ def _load_tokenizer(path: str, options: LoadOptions):
 
 
 def _load_backbone(path: str, options: LoadOptions, dtype: torch.dtype):
-    kwargs = from_pretrained_kwargs(options, dtype)
-    try:
-        config = AutoConfig.from_pretrained(path, trust_remote_code=options.trust_remote_code)
-        model = AutoModel.from_pretrained(path, **kwargs)
-    except OSError as err:
-        raise ModelLoadError(f"cannot load model from {path}: {err}") from err
-    except ValueError as err:
-        if "trust_remote_code" in str(err):
-            raise ModelLoadError(f"{path} needs custom code; pass --trust-remote-code only if you trust "
-                                 f"its source ({err})") from err
-        raise
-    except Exception as err:
-        if type(err).__name__ != "SafetensorError":
-            raise
-        raise ModelLoadError(f"cannot load model from {path}: a weight file is damaged ({err}); re-download "
-                             "the model, or re-run the kdshield step that wrote it") from err
-    return model, config
+    return load_pretrained(AutoModel, path, options, dtype)
 
 
 def _check_meta(meta: dict, meta_path: Path) -> dict:

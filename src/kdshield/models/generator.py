@@ -44,7 +44,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM
+from transformers import AutoModelForCausalLM
 
 from kdshield import assets
 from kdshield.errors import ConfigError, ModelLoadError
@@ -53,7 +53,7 @@ from kdshield.models.classifier import FORMAT as CLASSIFIER_FORMAT
 from kdshield.models.classifier import META_FILE, _load_tokenizer, is_encoder_config
 from kdshield.models.loading import (
     LoadOptions,
-    from_pretrained_kwargs,
+    load_pretrained,
     read_json,
     resolve_model_ref,
     warn_ignored_remote_code,
@@ -355,30 +355,18 @@ def is_generator_dir(path: str | Path) -> bool:
 
 
 def _load_causal_lm(path: str, options: LoadOptions, dtype: torch.dtype):
-    kwargs = from_pretrained_kwargs(options, dtype)
-    try:
-        config = AutoConfig.from_pretrained(path, trust_remote_code=options.trust_remote_code)
+    def decoder_only(config) -> None:
         if getattr(config, "is_encoder_decoder", False) or is_encoder_config(config):
             raise ModelLoadError(f"{path} is a {config.model_type} model, not a decoder-only causal LM; "
                                  "generative tasks need one (e.g. smollm2-135m)")
-        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
-    except OSError as err:
-        raise ModelLoadError(f"cannot load model from {path}: {err}") from err
+
+    try:
+        model, _ = load_pretrained(AutoModelForCausalLM, path, options, dtype, check_config=decoder_only)
     except ValueError as err:
-        if "trust_remote_code" in str(err):
-            raise ModelLoadError(f"{path} needs custom code; pass --trust-remote-code only if you trust "
-                                 f"its source ({err})") from err
         if "Unrecognized configuration class" in str(err):
-            raise ModelLoadError(f"{path} ({config.model_type}) has no causal-LM head in transformers; "
-                                 "generative tasks need a causal LM") from err
+            raise ModelLoadError(f"{path} has no causal-LM head in transformers; generative tasks need a "
+                                 "causal LM") from err
         raise
-    except ModelLoadError:
-        raise
-    except Exception as err:
-        if type(err).__name__ != "SafetensorError":
-            raise
-        raise ModelLoadError(f"cannot load model from {path}: a weight file is damaged ({err}); re-download "
-                             "the model, or re-run the kdshield step that wrote it") from err
     return model
 
 

@@ -138,6 +138,36 @@ def from_pretrained_kwargs(options: LoadOptions, dtype) -> dict:
     return kwargs
 
 
+def load_pretrained(auto_class, path: str, options: LoadOptions, dtype, *, check_config=None):
+    """``(auto_class.from_pretrained(path), its config)`` under ``options`` (``from_pretrained_kwargs``),
+    with the loader's failures as ModelLoadErrors naming the fix: a missing or unreadable model,
+    custom code not trusted, a damaged weight file. ``check_config(config)`` may refuse the
+    architecture before any weight loads."""
+    from transformers import AutoConfig
+
+    kwargs = from_pretrained_kwargs(options, dtype)
+    try:
+        config = AutoConfig.from_pretrained(path, trust_remote_code=options.trust_remote_code)
+        if check_config is not None:
+            check_config(config)
+        model = auto_class.from_pretrained(path, **kwargs)
+    except ModelLoadError:
+        raise
+    except OSError as err:
+        raise ModelLoadError(f"cannot load model from {path}: {err}") from err
+    except ValueError as err:
+        if "trust_remote_code" in str(err):
+            raise ModelLoadError(f"{path} needs custom code; pass --trust-remote-code only if you trust "
+                                 f"its source ({err})") from err
+        raise
+    except Exception as err:
+        if type(err).__name__ != "SafetensorError":
+            raise
+        raise ModelLoadError(f"cannot load model from {path}: a weight file is damaged ({err}); re-download "
+                             "the model, or re-run the kdshield step that wrote it") from err
+    return model, config
+
+
 def quantization_config(options: LoadOptions):
     """transformers' BitsAndBytesConfig for ``options.quantize`` (None for ``none``), checked first."""
     if options.quantize == "none":
