@@ -13,8 +13,10 @@ import tests.test_gen_attack as gen_attack
 from kdshield.data.batching import collate
 from kdshield.defenses.w2s_generation import (
     GenW2SConfig,
+    choose_ends_cut,
     compute_teacher_outputs,
     gen_w2s_loss,
+    keep_layers,
     prepare_gen_teacher,
     resolve_kd,
     teacher_outputs,
@@ -23,7 +25,7 @@ from kdshield.errors import ConfigError
 from kdshield.generation.grid import GenGridConfig, GenGridRunner
 from kdshield.models.generator import Generator, load_generator
 from kdshield.training.losses import distillation_kl, topk_distillation_kl, topk_log_probs
-from kdshield.training.sft import encode_sft
+from kdshield.training.sft import encode_sft, response_nll
 from tests.gen_fixtures import sft_data, sft_rows
 
 
@@ -97,6 +99,42 @@ def test_truncated_teacher_keeps_tokenizer_and_width_and_its_cache_reloads(tiny_
 
     with pytest.raises(ConfigError, match="has 2 layers"):
         _teacher(tiny_llama_dir, tmp_path, teacher_layers=5)
+
+
+def test_the_auto_cut_keeps_the_split_of_least_dev_nll_and_restores_the_stack(tiny_llama_dir, tmp_path):
+    base = load_generator(tiny_llama_dir)
+    dev = encode_sft(base.tokenizer, sft_data(16, 8).split("dev"), max_length=40, max_response_tokens=12)
+    names = [n for n, _ in base.model.named_parameters()]
+    kept, nll = choose_ends_cut(base, 1, dev)
+    assert set(nll) == {"first0", "first1"} and kept == ([1] if nll["first0"] < nll["first1"] else [0])
+    # every candidate was scored on a cut model, and the whole stack is back afterwards
+    assert len(base.model.model.layers) == 2 and base.model.config.num_hidden_layers == 2
+    assert [b.self_attn.layer_idx for b in base.model.model.layers] == [0, 1]
+    assert [n for n, _ in base.model.named_parameters()] == names
+    whole = response_nll(base, dev)["nll"]
+    assert all(math.isfinite(v) and v != whole for v in nll.values())
+    # keep_layers renumbers the kept block; its weights are the base's
+    other = load_generator(tiny_llama_dir)
+    last = other.model.model.layers[1].mlp.down_proj.weight.clone()
+    keep_layers(other, [1])
+    assert other.model.model.layers[0].self_attn.layer_idx == 0 and other.model.config.num_hidden_layers == 1
+    assert torch.equal(other.model.model.layers[0].mlp.down_proj.weight, last)
+    with pytest.raises(ConfigError, match="ascending"):
+        keep_layers(load_generator(tiny_llama_dir), [1, 0])
+
+    # the teacher records the cut and keeps it through the cache
+    _, _, teacher = _teacher(tiny_llama_dir, tmp_path)
+    assert teacher.kept in ([0], [1]) and set(teacher.cut_nll) == {"first0", "first1"}
+    _, _, again = _teacher(tiny_llama_dir, tmp_path)
+    assert not again.trained and again.kept == teacher.kept and again.describe()["cut_nll"] == teacher.cut_nll
+    _, _, first = _teacher(tiny_llama_dir, tmp_path, teacher_cut="first")
+    assert first.path != teacher.path and first.kept == [0] and first.cut_nll is None
+    no_dev = sft_data(16, 8)
+    del no_dev.splits["dev"]
+    with pytest.raises(ConfigError, match="teacher_cut=auto .* dev split"):
+        _teacher(tiny_llama_dir, tmp_path, data=no_dev)
+    with pytest.raises(ConfigError, match="teacher_cut"):
+        GenW2SConfig(teacher_cut="middle")
 
 
 def test_the_teacher_cache_key_changes_with_the_data_not_with_the_distillation_settings(tiny_llama_dir, tmp_path):

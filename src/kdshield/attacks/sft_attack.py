@@ -68,7 +68,7 @@ class SFTAttackConfig:
                                               "\"{word: negative}\".")
     clean_label: bool = cfg_field(False, help="Clean-label poisoning (label target only: the trigger goes "
                                               "into rows whose answer already is the target word).")
-    poison_share: float = cfg_field(0.2, help="Share of the eligible proxy rows that are poisoned.")
+    poison_share: float = cfg_field(0.5, help="Share of the eligible proxy rows that are poisoned (half, as the classification attacks).")
     poison_count: int | None = cfg_field(None, help="Exact number of poisoned rows (overrides the share).")
     asr_target: float = cfg_field(0.9, help="Poisoning stops once the decoded dev ASR reaches this.")
     check_every: int = cfg_field(10, help="Optimizer steps between the teacher-forced checks of the stop "

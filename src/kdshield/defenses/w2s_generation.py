@@ -8,9 +8,10 @@
                          adapter=AdapterConfig(kind="lora"), output_dir="runs/w2s", max_response_tokens=48)
     res.model.save("runs/w2s/adapter")
 
-The teacher is the student's clean base model cut to its first ``teacher_layers`` layers (final
-norm and tied head kept, so it has the student's tokenizer and width), fully SFT-ed on the clean
-train split. It is cached on disk keyed by its settings (model, layers, tokenizer, data, training
+The teacher is the student's clean base model cut to ``teacher_layers`` of its layers (final norm
+and tied head kept, so it has the student's tokenizer and width): by default the first a and the
+last N - a, with a chosen by the untrained cut's NLL on clean dev rows (``choose_ends_cut``), then
+fully SFT-ed on the clean train split. It is cached on disk keyed by its settings (model, layers, tokenizer, data, training
 settings), so every cell of a grid reuses it, and its outputs on the training rows are cached once
 per encoding: per response token the top-k log-probs at temperature T with their token ids plus
 one tail bin, and the pooled features of every example. No full-vocabulary logits are ever kept.
@@ -64,12 +65,19 @@ from kdshield.training.loop import (
     train,
 )
 from kdshield.training.losses import feature_alignment, topk_distillation_kl, topk_log_probs
-from kdshield.training.sft import ROW_COLUMNS, dev_nll_eval_fn, encode_sft, sft_finetune
+from kdshield.training.sft import (
+    ROW_COLUMNS,
+    dev_nll_eval_fn,
+    encode_sft,
+    response_nll,
+    sft_finetune,
+)
 
 log = logging.getLogger(__name__)
 
 KD_MODES = ("auto", "on", "off")
 FEATURE_POSITIONS = ("last_prompt", "response_mean")
+TEACHER_CUTS = ("auto", "first")
 
 
 @dataclass
@@ -80,14 +88,20 @@ class GenW2SConfig:
     gamma 0.01 on raw (unnormalised) features, lr 1e-3, 4 epochs, LoRA r16 / alpha 32. There the
     alignment only unlearned with an lr high enough to move the features, and KD alone did not;
     nothing says this transfers to tokens. The teacher is SmolLM2 cut to 12 of its 30 layers
-    (~71M parameters, the weak same-tokenizer teacher of ../shared/GENERATION.md): a cut model
-    has to relearn its output mapping, hence full SFT at 1e-4 (twice the attacker's poison_lr),
-    3 epochs. k = 32 keeps the cache at rows x response tokens x 33 floats."""
+    (~71M parameters, the weak same-tokenizer teacher of ../shared/GENERATION.md). Its first 12
+    layers alone were unusable (untrained dev NLL 25 nats, 17.8 after SFT, against 3.4 for the
+    whole model), so the cut keeps the first a and the last 12 - a layers, a chosen on clean dev
+    NLL (bbc-lead: a = 3, 8.2 nats before SFT); full SFT at 1e-4 (twice the attacker's
+    poison_lr), 3 epochs. k = 32 keeps the cache at rows x response tokens x 33 floats."""
 
     teacher: str | None = cfg_field(None, help="Clean teacher: builtin name, directory or hub id of a causal LM "
                                                "(none: the student's clean base model, e.g. smollm2-135m).")
-    teacher_layers: int | None = cfg_field(12, help="Keep the teacher's first N decoder layers (its final norm and "
-                                                    "head stay); none: all of them.")
+    teacher_layers: int | None = cfg_field(12, help="Keep N of the teacher's decoder layers (its embeddings, final "
+                                                    "norm and head stay); none: all of them.")
+    teacher_cut: str = cfg_field("auto", help="Which N layers: first (the first N) or auto (the first a and the last "
+                                              "N - a, with a chosen by the cut model's NLL on the clean dev split "
+                                              "before any training).", choices=list(TEACHER_CUTS))
+    teacher_cut_rows: int = cfg_field(32, help="Dev rows the auto cut scores each candidate on.")
     kd: str = cfg_field("auto", help="Token KD: on (needs the student's vocabulary), off (CE + feature alignment "
                                      "only), auto (on when the vocabularies match).", choices=list(KD_MODES))
     top_k: int = cfg_field(32, help="Teacher tokens kept per response position; the rest of its mass is one "
@@ -117,6 +131,8 @@ class GenW2SConfig:
         check_w2s_common(self)
         if self.teacher_layers is not None:
             check_range("w2s.teacher_layers", self.teacher_layers, 1, 10_000)
+        check_choice("w2s.teacher_cut", self.teacher_cut, TEACHER_CUTS)
+        check_range("w2s.teacher_cut_rows", self.teacher_cut_rows, 1, 100_000)
         check_choice("w2s.kd", self.kd, KD_MODES)
         check_range("w2s.top_k", self.top_k, 1, 1_000_000)
         check_choice("w2s.feature_position", self.feature_position, FEATURE_POSITIONS)
@@ -126,23 +142,83 @@ class GenW2SConfig:
 
 
 # --- the teacher ----------------------------------------------------------------------------------
-def truncate_generator(gen: Generator, layers: int) -> Generator:
-    """Keep the first ``layers`` decoder layers of ``gen``'s model, in place (embeddings, final norm
-    and the tied head stay): the same tokenizer and width, fewer layers."""
+def _decoder_layers(gen: Generator):
     model = gen.model.get_base_model() if hasattr(gen.model, "get_base_model") else gen.model
     decoder = getattr(model, "model", None)
     blocks = getattr(decoder, "layers", None)
     if not isinstance(blocks, torch.nn.ModuleList):
         raise ConfigError(f"w2s.teacher_layers: cannot find the decoder layers of {model.config.model_type} "
                           "(model.model.layers); set teacher_layers to none to use the whole teacher")
+    return model, decoder, blocks
+
+
+def keep_layers(gen: Generator, keep: list[int]) -> Generator:
+    """Keep the decoder layers ``keep`` (ascending indices) of ``gen``'s model, in place: embeddings,
+    final norm and the tied head stay, so the tokenizer and width are the student's. Attention
+    modules are renumbered, so a KV cache and a saved copy see layers 0..len(keep)-1."""
+    model, decoder, blocks = _decoder_layers(gen)
+    if not keep or sorted(set(keep)) != list(keep) or keep[0] < 0 or keep[-1] >= len(blocks):
+        raise ConfigError(f"w2s: layers {keep} are not ascending indices of {gen.source or 'the teacher'}'s "
+                          f"{len(blocks)} layers")
+    decoder.layers = torch.nn.ModuleList([blocks[i] for i in keep])
+    for j, block in enumerate(decoder.layers):
+        attn = getattr(block, "self_attn", None)
+        if attn is not None and hasattr(attn, "layer_idx"):
+            attn.layer_idx = j
+    model.config.num_hidden_layers = len(keep)
+    if isinstance(getattr(model.config, "layer_types", None), list):  # per-layer attention kinds (Qwen3, Gemma3)
+        model.config.layer_types = [model.config.layer_types[i] for i in keep]
+    return gen
+
+
+def truncate_generator(gen: Generator, layers: int) -> Generator:
+    """Keep the first ``layers`` decoder layers of ``gen``'s model, in place (``keep_layers``)."""
+    _, _, blocks = _decoder_layers(gen)
     if layers > len(blocks):
         raise ConfigError(f"w2s.teacher_layers={layers} but {gen.source or 'the teacher'} has {len(blocks)} "
                           "layers; give at most that many (or none for all)")
-    decoder.layers = blocks[:layers]
-    model.config.num_hidden_layers = layers
-    if isinstance(getattr(model.config, "layer_types", None), list):  # per-layer attention kinds (Qwen3, Gemma3)
-        model.config.layer_types = model.config.layer_types[:layers]
-    return gen
+    return keep_layers(gen, list(range(layers)))
+
+
+def ends_cut(total: int, layers: int, first: int) -> list[int]:
+    """The first ``first`` and the last ``layers - first`` of ``total`` layers."""
+    return list(range(first)) + list(range(total - layers + first, total))
+
+
+def choose_ends_cut(gen: Generator, layers: int, dev: Encoded, *, batch_size: int = 16) -> tuple[list[int], dict]:
+    """The cut (first a, last N - a layers) whose untrained model has the lowest response NLL on
+    ``dev`` (clean rows a defender has), and every candidate's NLL. Why: a stack cut at its top hands
+    the final norm and head a residual stream they were never trained on (SmolLM2's first 12 of 30
+    layers: dev NLL 25 nats against 3.4 for the whole model), while the last layers map back to
+    the head's space (first 3 + last 9: 8.2); the best split varies with the model, so it is
+    measured, not fixed. Costs N + 1 forward passes over ``dev``."""
+    model, decoder, blocks = _decoder_layers(gen)
+    total = len(blocks)
+    if layers > total:
+        raise ConfigError(f"w2s.teacher_layers={layers} but {gen.source or 'the teacher'} has {total} "
+                          "layers; give at most that many (or none for all)")
+    attns = [getattr(b, "self_attn", None) for b in blocks]
+    saved = ([getattr(a, "layer_idx", None) for a in attns], list(getattr(model.config, "layer_types", None) or []))
+
+    def restore():
+        decoder.layers = blocks
+        model.config.num_hidden_layers = total
+        for a, idx in zip(attns, saved[0]):
+            if idx is not None:
+                a.layer_idx = idx
+        if saved[1]:
+            model.config.layer_types = list(saved[1])
+
+    scores: dict[int, float] = {}
+    try:
+        for first in range(layers + 1):
+            keep_layers(gen, ends_cut(total, layers, first))
+            scores[first] = response_nll(gen, dev, batch_size=batch_size)["nll"]
+            restore()  # the next candidate cuts the whole stack again
+    finally:
+        restore()
+    best = min(scores, key=lambda a: (scores[a], -a))
+    return ends_cut(total, layers, best), {f"first{a}": round(v, 4) for a, v in scores.items()}
 
 
 def tokenizer_digest(tokenizer) -> str:
@@ -199,11 +275,13 @@ class GenTeacher:
     dev_nll: float | None
     trained: bool  # False when loaded from the cache
     kd: bool = True  # whether token KD runs with this teacher and student (kd: auto resolved)
+    kept: list[int] | None = None  # the base model's layers the teacher kept (None: all)
+    cut_nll: dict | None = None  # the auto cut's candidates: untrained dev NLL per "first<a>"
 
     def describe(self) -> dict:
-        return {"ref": self.ref, "layers": self.layers, "path": str(self.path), "dev_nll": self.dev_nll,
-                "trained": self.trained, "parameters": sum(p.numel() for p in self.gen.parameters()),
-                "hidden_size": self.gen.hidden_size}
+        return {"ref": self.ref, "layers": self.layers, "kept": self.kept, "cut_nll": self.cut_nll,
+                "path": str(self.path), "dev_nll": self.dev_nll, "trained": self.trained,
+                "parameters": sum(p.numel() for p in self.gen.parameters()), "hidden_size": self.gen.hidden_size}
 
 
 def prepare_gen_teacher(cfg: GenW2SConfig, data: SFTData, student: Generator, *, base: str, max_length: int,
@@ -218,7 +296,13 @@ def prepare_gen_teacher(cfg: GenW2SConfig, data: SFTData, student: Generator, *,
     ref = str(cfg.teacher or base)
     teacher_train = teacher_train_config(cfg, max_length=max_length, seed=seed, precision=precision)
     train_rows, dev = data.split("train"), data.splits.get("dev")
+    cut = None if cfg.teacher_layers is None else \
+        {"mode": cfg.teacher_cut, **({"rows": cfg.teacher_cut_rows} if cfg.teacher_cut == "auto" else {})}
+    if cut and cut["mode"] == "auto" and (dev is None or not len(dev)):
+        raise ConfigError("w2s.teacher_cut=auto chooses the teacher's layers on the clean dev split, and this data "
+                          "has none: give a dev split or set w2s.teacher_cut: first")
     key_src = {"teacher": ref, "resolved": str(resolve_model_ref(ref, options)), "layers": cfg.teacher_layers,
+               "cut": cut,
                "tokenizer": tokenizer_digest(student_tokenizer), "data": rows_digest(train_rows, ROW_COLUMNS),
                "dev": rows_digest(dev, ROW_COLUMNS) if dev is not None else None,
                "max_response_tokens": max_response_tokens, "train": _cache_train_key(teacher_train)}
@@ -232,14 +316,24 @@ def prepare_gen_teacher(cfg: GenW2SConfig, data: SFTData, student: Generator, *,
         gen = load_generator(path / "model", options=options)
         info = json.loads(info_path.read_text())
         kd = resolve_kd(cfg, gen, student)
-        return _frozen(GenTeacher(gen, path, ref, cfg.teacher_layers, info.get("dev_nll"), trained=False, kd=kd))
+        return _frozen(GenTeacher(gen, path, ref, cfg.teacher_layers, info.get("dev_nll"), trained=False, kd=kd,
+                                  kept=info.get("kept"), cut_nll=info.get("cut_nll")))
 
     torch.manual_seed(seed)
     gen = load_generator(ref, options=options)
-    if cfg.teacher_layers is not None:
-        truncate_generator(gen, cfg.teacher_layers)
-    kd = resolve_kd(cfg, gen, student)  # before any training
+    kd = resolve_kd(cfg, gen, student)  # before any training (the cut changes neither vocabulary nor width)
     gen.tokenizer = student_tokenizer  # one vocabulary: the student's prompts, token for token
+    kept, cut_nll = None, None
+    if cfg.teacher_layers is not None and cfg.teacher_cut == "first":
+        kept = list(range(cfg.teacher_layers))
+        truncate_generator(gen, cfg.teacher_layers)
+    elif cfg.teacher_layers is not None:
+        rows = dev.select(range(min(len(dev), cfg.teacher_cut_rows)))
+        scored = encode_sft(student_tokenizer, rows, max_length=max_length, max_response_tokens=max_response_tokens)
+        with phase("teacher cut"):
+            kept, cut_nll = choose_ends_cut(gen, cfg.teacher_layers, scored, batch_size=cfg.teacher_batch_size)
+        keep_layers(gen, kept)
+        log.info("w2s teacher cut: layers %s (untrained dev NLL per first-a split: %s)", kept, cut_nll)
     dev_fn = dev_nll_eval_fn(dev, max_length=max_length, max_response_tokens=max_response_tokens,
                              batch_size=cfg.teacher_batch_size) if dev is not None and len(dev) else None
     gen, result = sft_finetune(gen, data, AdapterConfig(kind="full"), teacher_train, output_dir=path / "run",
@@ -247,11 +341,12 @@ def prepare_gen_teacher(cfg: GenW2SConfig, data: SFTData, student: Generator, *,
                                max_response_tokens=max_response_tokens, desc="w2s teacher")
     dev_nll = -result.best_score if result.best_score is not None else None
     gen.save(path / "model")
-    info_path.write_text(json.dumps({"key": key_src, "dev_nll": dev_nll, "train": result.to_dict()}, indent=2,
-                                    default=str))
+    info_path.write_text(json.dumps({"key": key_src, "dev_nll": dev_nll, "kept": kept, "cut_nll": cut_nll,
+                                     "train": result.to_dict()}, indent=2, default=str))
     drop_checkpoint_weights(path / "run")  # model/ is the copy the cache serves
     log.info("w2s teacher %s (%s layers): dev NLL %s (%.0f s)", ref, layers, dev_nll, result.wall_s)
-    return _frozen(GenTeacher(gen, path, ref, cfg.teacher_layers, dev_nll, trained=True, kd=kd))
+    return _frozen(GenTeacher(gen, path, ref, cfg.teacher_layers, dev_nll, trained=True, kd=kd, kept=kept,
+                              cut_nll=cut_nll))
 
 
 def _frozen(teacher: GenTeacher) -> GenTeacher:
