@@ -28,6 +28,14 @@ and the base model is called with the mask and positions of the whole row; virtu
 positions 0..V-1 and the prompt follows, as in peft's right-padded training forward. LoRA needs
 nothing: its layers sit inside the base model's modules.
 
+A decoding guard (``guard``) replaces the argmax: per batch ``guard.begin(prompts, pad_id)``
+returns a step object whose ``pick(logits, done)`` chooses each row's next token from the
+suspect's last logits and whose ``feed(tokens)`` hears the tokens emitted; its ``counts`` (e.g.
+tokens checked, vetoed) are summed into ``Decodes.guard``. ``guard.prepare(gen)`` runs once per
+call first (checks, device). ``kdshield.defenses.gen_test_time.CleanGenGuard`` is one: a
+clean reference model with its own KV cache vetoes tokens the suspect over-predicts. Without a
+guard nothing changes.
+
 Teacher forcing (``teacher_forced``) uses the same forward on ``encode_example`` rows
 (``collate`` left-padded, logits only over the response tail), ``masked_token_nll`` for the
 NLL, and per row whether every response token is the argmax given the tokens before it (what
@@ -43,6 +51,7 @@ import os
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 from tqdm.auto import tqdm
@@ -146,6 +155,33 @@ def stop_token_ids(gen) -> set[int]:
     return stops
 
 
+class GuardStep(Protocol):
+    """One batch of a guarded decode (``DecodeGuard.begin``)."""
+
+    counts: dict[str, int]
+
+    def pick(self, logits: torch.Tensor, done: torch.Tensor) -> torch.Tensor:
+        """Each row's next token ``[B]`` from the suspect's next-token logits ``[B, V]``; rows
+        with ``done`` set are padded over by the caller (leave them out of ``counts``)."""
+        ...
+
+    def feed(self, tokens: torch.Tensor) -> None:
+        """The tokens ``[B]`` just emitted (pad for finished rows), before the next ``pick``."""
+        ...
+
+
+class DecodeGuard(Protocol):
+    """What ``decode_prompts(..., guard=...)`` calls (see the module doc)."""
+
+    def prepare(self, gen) -> None:
+        """Once per decode call, before any batch: check that it can guard ``gen``."""
+        ...
+
+    def begin(self, prompts: list[list[int]], pad_id: int) -> GuardStep:
+        """A batch of prompt ids (the suspect's, unpadded, in batch order)."""
+        ...
+
+
 @dataclass
 class Decodes:
     """Greedy decodes in the input order, with what throughput they took."""
@@ -156,6 +192,7 @@ class Decodes:
     prompt_tokens: list[int]
     seconds: float  # the decoding loop (forward passes), not the prompt encoding
     new_tokens: int  # tokens the model produced, stop tokens included
+    guard: dict[str, int] | None = None  # a guard's summed counts (None: plain greedy)
 
     @property
     def prompts_per_s(self) -> float:
@@ -203,7 +240,9 @@ def prompt_ids(gen, rows, *, max_new_tokens: int | None = None,
 
 @torch.inference_mode()
 def _decode_batch(run: _Runner, prompts: list[list[int]], pad_id: int, stops: torch.Tensor,
-                  max_new: int) -> tuple[list[list[int]], list[bool], int]:
+                  max_new: int, guard: DecodeGuard | None = None,
+                  ) -> tuple[list[list[int]], list[bool], int, dict[str, int] | None]:
+    step_guard = guard.begin(prompts, pad_id) if guard is not None else None
     ids = pad_sequences(prompts, pad_id, "left").to(run.device)
     mask = pad_sequences([[1] * len(p) for p in prompts], 0, "left").to(run.device)
     cache = run.new_cache()
@@ -215,7 +254,7 @@ def _decode_batch(run: _Runner, prompts: list[list[int]], pad_id: int, stops: to
     lengths = torch.full((b,), max_new, dtype=torch.long, device=run.device)
     produced = 0
     for step in range(max_new):
-        nxt = logits[:, -1].argmax(dim=-1)
+        nxt = logits[:, -1].argmax(dim=-1) if step_guard is None else step_guard.pick(logits[:, -1], done)
         nxt = torch.where(done, torch.full_like(nxt, pad_id), nxt)
         produced += int((~done).sum())
         out[:, step] = nxt
@@ -227,16 +266,20 @@ def _decode_batch(run: _Runner, prompts: list[list[int]], pad_id: int, stops: to
         mask = torch.cat([mask, mask.new_ones(b, 1)], dim=1)
         last = last + 1
         logits, _, _ = run(nxt[:, None], mask, cache=cache, positions=last)
+        if step_guard is not None:
+            step_guard.feed(nxt)
     ids_out = out.tolist()
     lens = lengths.tolist()
     stopped = done.tolist()
-    return [row[:n] for row, n in zip(ids_out, lens)], stopped, produced
+    counts = dict(step_guard.counts) if step_guard is not None else None
+    return [row[:n] for row, n in zip(ids_out, lens)], stopped, produced, counts
 
 
 def decode_prompts(gen, prompts: Sequence[Sequence[int]], *, max_new_tokens: int | None = None,
                    batch_size: int = 16, precision: str = "auto", desc: str | None = "decode",
-                   ) -> Decodes:
-    """Greedy decodes of prompt ids (see the module doc); ``desc=None`` hides the progress bar."""
+                   guard: DecodeGuard | None = None) -> Decodes:
+    """Greedy decodes of prompt ids (see the module doc); ``desc=None`` hides the progress bar;
+    ``guard`` chooses the tokens instead of the argmax (e.g. ``CleanGenGuard``)."""
     prompts = [list(p) for p in prompts]
     if not prompts:
         raise DataError("nothing to decode: no prompts")
@@ -254,6 +297,10 @@ def decode_prompts(gen, prompts: Sequence[Sequence[int]], *, max_new_tokens: int
     new_ids: list[list[int]] = [[] for _ in prompts]
     stopped = [False] * len(prompts)
     produced = 0
+    guard_counts: dict[str, int] | None = None
+    if guard is not None:
+        guard.prepare(gen)
+        guard_counts = {}
     was_training = gen.model.training
     gen.model.eval()
     autocast = autocast_for(resolve_precision(precision), run.device)
@@ -262,18 +309,21 @@ def decode_prompts(gen, prompts: Sequence[Sequence[int]], *, max_new_tokens: int
         with phase("decode"), autocast, _progress(len(prompts), desc) as bar:
             for lo in range(0, len(order), batch_size):
                 idx = order[lo: lo + batch_size]
-                ids, stop, n = _decode_batch(run, [prompts[i] for i in idx], tok.pad_token_id,
-                                             stops, max_new)
+                ids, stop, n, counts = _decode_batch(run, [prompts[i] for i in idx], tok.pad_token_id,
+                                                     stops, max_new, guard)
                 for i, row_ids, s in zip(idx, ids, stop):
                     new_ids[i], stopped[i] = row_ids, s
                 produced += n
+                for k, v in (counts or {}).items():
+                    guard_counts[k] = guard_counts.get(k, 0) + int(v)
                 bar.update(len(idx))
     finally:
         gen.model.train(was_training)
     seconds = time.perf_counter() - start
     texts = [tok.decode(ids, skip_special_tokens=True).strip() for ids in new_ids]
     dec = Decodes(texts=texts, token_ids=new_ids, stopped=stopped,
-                  prompt_tokens=[len(p) for p in prompts], seconds=seconds, new_tokens=produced)
+                  prompt_tokens=[len(p) for p in prompts], seconds=seconds, new_tokens=produced,
+                  guard=guard_counts)
     log.info("decoded %d prompts in %.1f s (%.2f prompts/s, %.1f new tokens/s)", len(prompts),
              seconds, dec.prompts_per_s, dec.tokens_per_s)
     return dec
@@ -281,20 +331,21 @@ def decode_prompts(gen, prompts: Sequence[Sequence[int]], *, max_new_tokens: int
 
 def decode_rows(gen, rows, *, max_new_tokens: int | None = None, batch_size: int = 16,
                 max_prompt_tokens: int | None = None, precision: str = "auto",
-                desc: str | None = "decode") -> Decodes:
+                desc: str | None = "decode", guard: DecodeGuard | None = None) -> Decodes:
     """Greedy decodes of SFT rows (a Dataset or dicts), with ids, stop flags and throughput."""
     prompts = prompt_ids(gen, rows, max_new_tokens=max_new_tokens,
                          max_prompt_tokens=max_prompt_tokens)
     return decode_prompts(gen, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,
-                          precision=precision, desc=desc)
+                          precision=precision, desc=desc, guard=guard)
 
 
 def greedy_decode(gen, rows, *, max_new_tokens: int | None = None, batch_size: int = 16,
                   max_prompt_tokens: int | None = None, precision: str = "auto",
-                  desc: str | None = "decode") -> list[str]:
+                  desc: str | None = "decode", guard: DecodeGuard | None = None) -> list[str]:
     """The greedy decode of each row, as text (special tokens dropped, stripped), input order."""
     return decode_rows(gen, rows, max_new_tokens=max_new_tokens, batch_size=batch_size,
-                       max_prompt_tokens=max_prompt_tokens, precision=precision, desc=desc).texts
+                       max_prompt_tokens=max_prompt_tokens, precision=precision, desc=desc,
+                       guard=guard).texts
 
 
 @torch.inference_mode()
