@@ -6,7 +6,8 @@
         --w2s.gamma 0.02 --attack badnet --merge
 
 Writes DIR/adapter (adapter + head, safetensors), DIR/merged with --merge (LoRA), DIR/report.json
-(config, cost, CA/ASR when --attack names the trigger to test) and a results record.
+(config, cost, CA/ASR when --attack names the trigger to test) and a results record. On a
+generative (SFT) dataset the command runs ``kdshield.cli.generative_defend``.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import json
 from pathlib import Path
 
 from kdshield.attacks.config import AttackConfig, poisoned_proxy
+from kdshield.cli import generative, generative_defend
 from kdshield.cli.common import (
     add_data_args,
     add_model_safety_args,
@@ -61,6 +63,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--merge", action="store_true", help="also save a merged model (LoRA) in DIR/merged")
     add_model_safety_args(parser)
     add_run_args(parser, out_default="")
+    generative.add_generative_args(parser)  # --task and the generative-only options
+    generative_defend.add_generative_defense_args(parser)
     parser.set_defaults(attack=None, func=run)
 
 
@@ -78,6 +82,9 @@ def run(args: argparse.Namespace) -> int:
         return run_list()
     if not args.student or not args.data or not args.out:
         raise ConfigError("defend needs --student, --data and --out (or --list)")
+    if generative.is_generative(args):  # SFT data or a generator: kdshield.cli.generative_defend
+        return generative_defend.run_defend(args)
+    generative_defend.check_task_options(args, generative=False)
     adapter, train_cfg = build_adapter(args), build_train(args)
     # the load options are checked before the data loads (a quantised base on a machine without CUDA)
     options = load_options(args, full_training="adapter.kind=full" if adapter.kind == "full" else None)

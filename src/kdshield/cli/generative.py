@@ -181,7 +181,7 @@ def _looks_generative(args: argparse.Namespace) -> bool:
     data = _data_ref(args)
     if data in SFT_BUILTINS:
         return True
-    model = getattr(args, "model", None)
+    model = getattr(args, "model", None) or getattr(args, "student", None)  # (defend's suspect is --student)
     if model is not None:
         from kdshield.models.generator import is_generator_dir
 
