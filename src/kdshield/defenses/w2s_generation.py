@@ -37,6 +37,7 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
 
 from kdshield import assets
 from kdshield.config import cfg_field, check_choice, check_range, config_to_dict
@@ -211,7 +212,7 @@ def choose_ends_cut(gen: Generator, layers: int, dev: Encoded, *, batch_size: in
 
     scores: dict[int, float] = {}
     try:
-        for first in range(layers + 1):
+        for first in tqdm(range(layers + 1), desc="w2s teacher cut", unit="cut", leave=False):
             keep_layers(gen, ends_cut(total, layers, first))
             scores[first] = response_nll(gen, dev, batch_size=batch_size)["nll"]
             restore()  # the next candidate cuts the whole stack again
