@@ -24,16 +24,26 @@ The student (suspect model + LoRA) trains on response tokens with
 last-layer feature of example ``i`` itself (``feature_position``: the last prompt token, which
 emits the first response token, or the response mean). The teacher is frozen: eval(),
 requires_grad_(False), outputs computed under no_grad before the student starts.
+
+A teacher of another tokenizer (``teacher: smollm2-135m`` for a gemma-3-270m student, with
+``teacher_layers: none`` for the whole teacher) cannot share token KD: ``kd: auto`` turns it off
+(``kd: on`` is a ConfigError naming the mismatch) and the record says so (``teacher.kd_off``). The
+teacher then keeps its own tokenizer: it is SFT-ed on, and its features computed on, its own
+encoding of the same rows, and the student trains on ``alpha * CE + gamma * ||h_s,i - P(h_t,i)||^2``,
+example i's pooled teacher feature (cached in row order of the train split) through a frozen
+projection P into the student's space. A teacher of another width (same tokenizer) keeps token KD
+and aligns through the same projection. P is fitted by ridge regression to the clean base's
+features (``kdshield.defenses.w2s_projection``, which says why and what the alternative is).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -46,8 +56,18 @@ from kdshield.data.core import rows_digest
 from kdshield.data.sft import SFTData
 from kdshield.defenses.base import Timer
 from kdshield.defenses.w2s import _cache_train_key, check_w2s_common
+from kdshield.defenses.w2s_projection import (  # noqa: F401 (vocabulary_mismatch, resolve_kd: re-exported)
+    Projection,
+    encoded_digest,
+    kd_decision,
+    resolve_kd,
+    student_targets,
+    tokenizer_digest,
+    vocabulary_mismatch,
+)
 from kdshield.errors import ConfigError
 from kdshield.models.adapters import AdapterConfig
+from kdshield.models.classifier import _load_tokenizer
 from kdshield.models.generator import (
     Generator,
     GeneratorOutput,
@@ -93,7 +113,9 @@ class GenW2SConfig:
     layers alone were unusable (untrained dev NLL 25 nats, 17.8 after SFT, against 3.4 for the
     whole model), so the cut keeps the first a and the last 12 - a layers, a chosen on clean dev
     NLL (bbc-lead: a = 3, 8.2 nats before SFT); full SFT at 1e-4 (twice the attacker's
-    poison_lr), 3 epochs. k = 32 keeps the cache at rows x response tokens x 33 floats."""
+    poison_lr), 3 epochs. k = 32 keeps the cache at rows x response tokens x 33 floats. A teacher
+    of another tokenizer or width aligns through a ridge projection (``projection_ridge``, untuned;
+    its dev R^2 is recorded) and, with another tokenizer, runs without token KD."""
 
     teacher: str | None = cfg_field(None, help="Clean teacher: builtin name, directory or hub id of a causal LM "
                                                "(none: the student's clean base model, e.g. smollm2-135m).")
@@ -127,6 +149,15 @@ class GenW2SConfig:
     teacher_epochs: int = cfg_field(3, help="Epochs of the teacher's full SFT.")
     teacher_lr: float = cfg_field(1e-4, help="Learning rate of the teacher's full SFT.")
     teacher_batch_size: int = cfg_field(8, help="Batch size of the teacher's SFT and of its cached outputs.")
+    projection_ridge: float = cfg_field(0.1, help="Ridge penalty of the projection from a teacher of another "
+                                                  "tokenizer or width to the student's features (fitted to the "
+                                                  "clean base's features, per standardised teacher dimension, "
+                                                  "times the rows; 0: plain least squares). Unused when teacher "
+                                                  "and student share tokenizer and width.")
+
+    # options added after results were keyed: they enter a key (grid cell, student run) only when set
+    # away from their default, so adding one re-keys nothing already computed (``keyed_settings``)
+    KEYED_AWAY_FROM_DEFAULT: ClassVar[tuple[str, ...]] = ("projection_ridge",)
 
     def __post_init__(self):
         check_w2s_common(self)
@@ -140,6 +171,16 @@ class GenW2SConfig:
         check_range("w2s.teacher_epochs", self.teacher_epochs, 1, 100)
         check_range("w2s.teacher_lr", self.teacher_lr, 0, 1, lo_open=True)
         check_range("w2s.teacher_batch_size", self.teacher_batch_size, 1, 65536)
+        check_range("w2s.projection_ridge", self.projection_ridge, 0, 1e6)
+
+
+def keyed_settings(cfg: GenW2SConfig) -> dict:
+    """``config_to_dict(cfg)`` less the ``KEYED_AWAY_FROM_DEFAULT`` options left at their default."""
+    d = config_to_dict(cfg)
+    for f in dataclasses.fields(cfg):
+        if f.name in cfg.KEYED_AWAY_FROM_DEFAULT and getattr(cfg, f.name) == f.default:
+            d.pop(f.name)
+    return d
 
 
 # --- the teacher ----------------------------------------------------------------------------------
@@ -222,44 +263,6 @@ def choose_ends_cut(gen: Generator, layers: int, dev: Encoded, *, batch_size: in
     return ends_cut(total, layers, best), {f"first{a}": round(v, 4) for a, v in scores.items()}
 
 
-def tokenizer_digest(tokenizer) -> str:
-    """Short digest of a tokenizer's vocabulary and chat template (what token ids and prompts mean)."""
-    h = hashlib.sha256()
-    h.update(json.dumps(sorted(tokenizer.get_vocab().items())).encode())
-    h.update(str(getattr(tokenizer, "chat_template", None) or "").encode())
-    return h.hexdigest()[:16]
-
-
-def vocabulary_mismatch(teacher: Generator, student: Generator) -> str | None:
-    """Why token KD cannot compare the two models' next-token distributions, or None if it can."""
-    t_vocab, s_vocab = teacher.tokenizer.get_vocab(), student.tokenizer.get_vocab()
-    if t_vocab != s_vocab:
-        return f"their tokenizers differ ({len(t_vocab)} vs {len(s_vocab)} tokens)"
-    t_rows, s_rows = teacher.base_config.vocab_size, student.base_config.vocab_size
-    if t_rows != s_rows:
-        return f"their output layers differ ({t_rows} vs {s_rows} logits)"
-    return None
-
-
-def resolve_kd(cfg: GenW2SConfig, teacher: Generator, student: Generator) -> bool:
-    """Whether token KD runs; a ConfigError where the teacher cannot serve this student."""
-    mismatch = vocabulary_mismatch(teacher, student)
-    if mismatch and cfg.kd == "on":
-        raise ConfigError(f"w2s.kd=on: token KD needs one vocabulary, and teacher {teacher.source} and student "
-                          f"{student.source} differ: {mismatch}. Use a teacher with the student's tokenizer "
-                          "(the default: the student's base cut to teacher_layers), or kd: off")
-    if mismatch:
-        raise ConfigError(f"w2s: teacher {teacher.source} and student {student.source} have different "
-                          f"vocabularies ({mismatch}), so token KD is off and only feature alignment through a "
-                          "projection trained with the teacher could run: that projection path is not built "
-                          "yet. Use a teacher with the student's tokenizer")
-    if cfg.gamma and teacher.hidden_size != student.hidden_size:
-        raise ConfigError(f"w2s: teacher width {teacher.hidden_size} != student width {student.hidden_size}: "
-                          "feature alignment needs a projection trained with the teacher, not built yet. Use "
-                          "a teacher of the student's width (its base cut to teacher_layers) or gamma: 0")
-    return cfg.kd != "off" and cfg.beta > 0
-
-
 def teacher_train_config(cfg: GenW2SConfig, *, max_length: int, seed: int, precision: str = "auto") -> TrainConfig:
     """The teacher's full SFT (it shares only length, seed and precision with the student); the
     epoch of best dev NLL is kept (dev data is clean, so that choice cannot see a backdoor)."""
@@ -278,23 +281,39 @@ class GenTeacher:
     kd: bool = True  # whether token KD runs with this teacher and student (kd: auto resolved)
     kept: list[int] | None = None  # the base model's layers the teacher kept (None: all)
     cut_nll: dict | None = None  # the auto cut's candidates: untrained dev NLL per "first<a>"
+    own_tokenizer: bool = False  # another vocabulary than the student's: it reads its own encoding of the rows
+    kd_off: str | None = None  # why token KD is off where the models decided it (a vocabulary mismatch)
+    projection: Projection | None = None  # teacher -> student features (another tokenizer or width), once fitted
 
     def describe(self) -> dict:
-        return {"ref": self.ref, "layers": self.layers, "kept": self.kept, "cut_nll": self.cut_nll,
-                "path": str(self.path), "dev_nll": self.dev_nll, "trained": self.trained,
-                "parameters": sum(p.numel() for p in self.gen.parameters()), "hidden_size": self.gen.hidden_size}
+        out = {"ref": self.ref, "layers": self.layers, "kept": self.kept, "cut_nll": self.cut_nll,
+               "path": str(self.path), "dev_nll": self.dev_nll, "trained": self.trained,
+               "parameters": sum(p.numel() for p in self.gen.parameters()), "hidden_size": self.gen.hidden_size}
+        if self.own_tokenizer:  # the foreign-teacher keys only where they apply (same-tokenizer records unchanged)
+            out["own_tokenizer"] = True
+        if self.kd_off:
+            out["kd_off"] = self.kd_off
+        if self.projection is not None:
+            out["projection"] = self.projection.describe()
+        return out
 
 
 def prepare_gen_teacher(cfg: GenW2SConfig, data: SFTData, student: Generator, *, base: str, max_length: int,
                         max_response_tokens: int | None, seed: int, precision: str = "auto",
                         options: LoadOptions = LoadOptions(), cache_root: Path | None = None) -> GenTeacher:
     """The clean teacher, fully SFT-ed on ``data``'s train split (dev NLL selects the epoch), or
-    reused from the cache. It reads the student's token ids: with one vocabulary its SFT and its
-    cached outputs use the student's tokenizer (and chat template), so every position lines up.
-    A teacher that cannot serve ``student`` (``resolve_kd``) is a ConfigError before any training."""
+    reused from the cache. With one vocabulary it reads the student's token ids: its SFT and its
+    cached outputs use the student's tokenizer (and chat template), so every position lines up. A
+    teacher of another vocabulary keeps its own tokenizer (``own_tokenizer``; its SFT and outputs
+    use its own encoding of the rows, and its key names that tokenizer). A teacher that cannot
+    serve ``student`` (``kd_decision``) is a ConfigError before any training."""
     student_tokenizer = student.tokenizer
     options = options.for_full_training("the W2SDefense teacher")
     ref = str(cfg.teacher or base)
+    resolved = resolve_model_ref(ref, options)
+    # its vocabulary decides which tokenizer it reads, hence its cache key: the tokenizer alone is loaded here
+    teacher_tokenizer = _load_tokenizer(resolved, options)
+    own_tokenizer = teacher_tokenizer.get_vocab() != student_tokenizer.get_vocab()
     teacher_train = teacher_train_config(cfg, max_length=max_length, seed=seed, precision=precision)
     train_rows, dev = data.split("train"), data.splits.get("dev")
     cut = None if cfg.teacher_layers is None else \
@@ -302,11 +321,14 @@ def prepare_gen_teacher(cfg: GenW2SConfig, data: SFTData, student: Generator, *,
     if cut and cut["mode"] == "auto" and (dev is None or not len(dev)):
         raise ConfigError("w2s.teacher_cut=auto chooses the teacher's layers on the clean dev split, and this data "
                           "has none: give a dev split or set w2s.teacher_cut: first")
-    key_src = {"teacher": ref, "resolved": str(resolve_model_ref(ref, options)), "layers": cfg.teacher_layers,
+    key_src = {"teacher": ref, "resolved": str(resolved), "layers": cfg.teacher_layers,
                "cut": cut,
                "tokenizer": tokenizer_digest(student_tokenizer), "data": rows_digest(train_rows, ROW_COLUMNS),
                "dev": rows_digest(dev, ROW_COLUMNS) if dev is not None else None,
                "max_response_tokens": max_response_tokens, "train": _cache_train_key(teacher_train)}
+    if own_tokenizer:  # only here: a same-tokenizer teacher keeps the key it always had
+        key_src["tokenizer"] = tokenizer_digest(teacher_tokenizer)
+        key_src["own_tokenizer"] = True
     key = settings_hash(key_src)
     root = cache_root or assets.cache_dir() / "gen-teachers"
     layers = "all" if cfg.teacher_layers is None else cfg.teacher_layers
@@ -316,21 +338,23 @@ def prepare_gen_teacher(cfg: GenW2SConfig, data: SFTData, student: Generator, *,
         log.info("reusing cached teacher %s", path)
         gen = load_generator(path / "model", options=options)
         info = json.loads(info_path.read_text())
-        kd = resolve_kd(cfg, gen, student)
+        kd, kd_off = kd_decision(cfg, gen, student)
         return _frozen(GenTeacher(gen, path, ref, cfg.teacher_layers, info.get("dev_nll"), trained=False, kd=kd,
-                                  kept=info.get("kept"), cut_nll=info.get("cut_nll")))
+                                  kept=info.get("kept"), cut_nll=info.get("cut_nll"), own_tokenizer=own_tokenizer,
+                                  kd_off=kd_off))
 
     torch.manual_seed(seed)
     gen = load_generator(ref, options=options)
-    kd = resolve_kd(cfg, gen, student)  # before any training (the cut changes neither vocabulary nor width)
-    gen.tokenizer = student_tokenizer  # one vocabulary: the student's prompts, token for token
+    kd, kd_off = kd_decision(cfg, gen, student)  # before any training (the cut changes neither vocabulary nor width)
+    if not own_tokenizer:
+        gen.tokenizer = student_tokenizer  # one vocabulary: the student's prompts, token for token
     kept, cut_nll = None, None
     if cfg.teacher_layers is not None and cfg.teacher_cut == "first":
         kept = list(range(cfg.teacher_layers))
         truncate_generator(gen, cfg.teacher_layers)
     elif cfg.teacher_layers is not None:
         rows = dev.select(range(min(len(dev), cfg.teacher_cut_rows)))
-        scored = encode_sft(student_tokenizer, rows, max_length=max_length, max_response_tokens=max_response_tokens)
+        scored = encode_sft(gen.tokenizer, rows, max_length=max_length, max_response_tokens=max_response_tokens)
         with phase("teacher cut"):
             kept, cut_nll = choose_ends_cut(gen, cfg.teacher_layers, scored, batch_size=cfg.teacher_batch_size)
         keep_layers(gen, kept)
@@ -343,11 +367,12 @@ def prepare_gen_teacher(cfg: GenW2SConfig, data: SFTData, student: Generator, *,
     dev_nll = -result.best_score if result.best_score is not None else None
     gen.save(path / "model")
     info_path.write_text(json.dumps({"key": key_src, "dev_nll": dev_nll, "kept": kept, "cut_nll": cut_nll,
+                                     **({"own_tokenizer": True} if own_tokenizer else {}),
                                      "train": result.to_dict()}, indent=2, default=str))
     drop_checkpoint_weights(path / "run")  # model/ is the copy the cache serves
     log.info("w2s teacher %s (%s layers): dev NLL %s (%.0f s)", ref, layers, dev_nll, result.wall_s)
     return _frozen(GenTeacher(gen, path, ref, cfg.teacher_layers, dev_nll, trained=True, kd=kd, kept=kept,
-                              cut_nll=cut_nll))
+                              cut_nll=cut_nll, own_tokenizer=own_tokenizer, kd_off=kd_off))
 
 
 def _frozen(teacher: GenTeacher) -> GenTeacher:
@@ -356,14 +381,6 @@ def _frozen(teacher: GenTeacher) -> GenTeacher:
 
 
 # --- the teacher's outputs on the training rows ---------------------------------------------------
-def encoded_digest(encoded: Encoded) -> str:
-    """Digest of the exact token ids and labels the teacher's outputs are computed on."""
-    h = hashlib.sha256()
-    for ids, labels in zip(encoded.input_ids, encoded.token_labels or [[]] * len(encoded)):
-        h.update(json.dumps([ids, labels]).encode())
-    return h.hexdigest()[:16]
-
-
 @dataclass
 class TeacherOutputs:
     """Per training row: its response tokens' top-k teacher bins (padded to the longest response)
@@ -424,6 +441,19 @@ def teacher_outputs(teacher: GenTeacher, encoded: Encoded, cfg: GenW2SConfig) ->
     return out
 
 
+def teacher_extras(teacher: GenTeacher, student: Generator, encoded: Encoded, data: SFTData, cfg: GenW2SConfig,
+                   *, base: str, max_length: int, max_response_tokens: int | None,
+                   options: LoadOptions = LoadOptions()) -> tuple[dict[str, torch.Tensor], int]:
+    """What the student's batches carry (row i of ``encoded``, the student's encoding of the train
+    split, gets row i's teacher data) and the floats cached for them (``student_targets``; one
+    tokenizer: ``TeacherOutputs.extras``, the features projected where ``needs_projection``)."""
+    outputs = None if teacher.own_tokenizer else teacher_outputs(teacher, encoded, cfg)
+    extras, floats, teacher.projection = student_targets(
+        teacher.gen, teacher.path, student, encoded, data, cfg, outputs=outputs, base=base, max_length=max_length,
+        max_response_tokens=max_response_tokens, options=options)
+    return extras, floats
+
+
 # --- the student's objective ----------------------------------------------------------------------
 def _ordinals(out: GeneratorOutput) -> torch.Tensor:
     """For each lean row (in row-major order): its index among its own example's response tokens."""
@@ -435,9 +465,11 @@ def _ordinals(out: GeneratorOutput) -> torch.Tensor:
 def gen_w2s_loss(out: GeneratorOutput, labels: torch.Tensor, teacher: dict[str, torch.Tensor], cfg: GenW2SConfig,
                  *, kd: bool) -> tuple[torch.Tensor, dict]:
     """The objective on one batch; ``out``: the student's lean output with hidden states,
-    ``teacher``: the batch's cached rows (``TeacherOutputs.extras``). Returns (loss, logs)."""
+    ``teacher``: the batch's cached rows (``TeacherOutputs.extras``; a teacher of another tokenizer
+    gives ``t_feat`` alone, already projected, its token rows not being the student's). Returns
+    (loss, logs)."""
     nll, count = out.token_nll()
-    if not torch.equal(count.cpu(), teacher["t_len"].long().cpu()):
+    if "t_len" in teacher and not torch.equal(count.cpu(), teacher["t_len"].long().cpu()):
         raise RuntimeError("w2s: the batch's response tokens differ from the teacher's cached ones; the cache "
                            "was computed on another encoding")
     ce = nll.sum() / count.sum().clamp(min=1)
@@ -528,8 +560,10 @@ def gen_w2s_defend(suspect: str | Path, data: SFTData, cfg: GenW2SConfig, *, bas
             kd = teacher.kd
             encoded = encode_sft(student.tokenizer, data.split("train"), max_length=train_cfg.max_length,
                                  max_response_tokens=max_response_tokens)
-            outputs = teacher_outputs(teacher, encoded, cfg)
-        encoded.extras = outputs.extras(cfg.feature_position)
+            extras, cache_floats = teacher_extras(teacher, student, encoded, data, cfg, base=base,
+                                                  max_length=train_cfg.max_length,
+                                                  max_response_tokens=max_response_tokens, options=options)
+        encoded.extras = extras
         attach_generator_adapter(student, adapter)
         dev = data.splits.get("dev")
         eval_fn = dev_nll_eval_fn(dev, max_length=train_cfg.max_length, max_response_tokens=max_response_tokens,
@@ -540,11 +574,13 @@ def gen_w2s_defend(suspect: str | Path, data: SFTData, cfg: GenW2SConfig, *, bas
             result = train(student, None, train_cfg, encoded=encoded, loss_fn=loss_fn, eval_fn=eval_fn,
                            output_dir=output_dir / "train", resume=resume, desc="w2s", eval_epochs="last",
                            run_settings={"student": str(suspect), "adapter": config_to_dict(adapter),
-                                         "teacher": teacher.path.name, "w2s": config_to_dict(cfg)})
+                                         "teacher": teacher.path.name, "w2s": keyed_settings(cfg)})
     dev_nll = result.history[-1].get("nll") if result.history else None
     logs = {"teacher": teacher.describe(), "kd": kd, "teacher_s": round(t_teacher.s, 1),
             "student_s": round(t_student.s, 1), "wall_s": round(timer.s, 1), "dev_nll": dev_nll,
-            "loss_terms": seen or None, "cache_floats": int(outputs.log_probs.numel() + outputs.indices.numel())}
-    log.info("w2s: teacher %.0f s (trained: %s), student %.0f s, dev NLL %s, loss terms %s", t_teacher.s,
-             teacher.trained, t_student.s, dev_nll, seen)
+            "loss_terms": seen or None, "cache_floats": cache_floats}
+    if teacher.kd_off:
+        logs["kd_off"] = teacher.kd_off
+    log.info("w2s: teacher %.0f s (trained: %s), student %.0f s, dev NLL %s, loss terms %s%s", t_teacher.s,
+             teacher.trained, t_student.s, dev_nll, seen, f" (token KD off: {teacher.kd_off})" if teacher.kd_off else "")
     return GenW2SResult(model=student, train=result, teacher=teacher, kd=kd, logs=logs)
