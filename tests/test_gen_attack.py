@@ -51,7 +51,7 @@ def test_attack_settings_are_checked_before_any_work():
     assert attack_label(parse_attack({"attack": "badnet", "target": "label", "clean_label": True})) \
         == "badnet:label+clean"
     with pytest.raises(ConfigError, match="do not run on generative datasets"):
-        GenGridConfig(methods=["none", "bedkd"])
+        GenGridConfig(methods=["none", "strip"])
 
 
 def test_stop_rule_waits_for_a_trigger_not_a_shortcut():

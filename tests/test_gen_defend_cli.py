@@ -44,11 +44,30 @@ def test_defend_w2s_on_an_sft_file_writes_adapter_report_and_record(tiny_llama_d
     assert _records(out / "results.jsonl")[-1]["reused"] is True
 
 
+def test_defend_bedkd_screens_the_poisoned_proxy_and_reports_its_detection(tiny_llama_dir, alpaca_jsonl,
+                                                                          tmp_path, capsys):
+    out = tmp_path / "bedkd"
+    fast = ["--bedkd.n-dmm", "16", "--bedkd.dmm-epochs", "2", "--bedkd.n-trust", "32", "--bedkd.cycles", "2",
+            "--bedkd.max-dev", "8", "--bedkd.max-poisoned", "8"]
+    assert main(["defend", "--method", "bedkd", "--student", str(tiny_llama_dir), "--data", str(alpaca_jsonl),
+                 "--out", str(out), "--adapter.r", "4", "--attack", "badnet", *TARGET, *TRAIN, *fast,
+                 "--suspect-data", "poisoned-proxy", "--poison-share", "0.5"]) == 0
+    (rec,) = _records(out / "results.jsonl")
+    assert rec["method"] == "bedkd" and rec["task"] == "generation" and rec["kd"] is True
+    det = rec["detection_summary"]
+    assert det["n"] > 0 and det["n_poisoned"] > 0 and rec["far"] == det["far"] and rec["frr"] == det["frr"]
+    assert rec["far"] is not None and rec["frr"] is not None
+    assert rec["config"]["method"]["cycles"] == 2 and (out / "detection").is_dir()
+    assert "detection:" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("argv, expected", [
     (["--data", "bbc-lead", "--w2s.head-refit-l2", "0.1"], "--w2s.head-refit-l2: options of the classification"),
     (["--data", "rotten-tomatoes", "--w2s.teacher-cut", "first"], "--w2s.teacher-cut: options of the generative"),
-    (["--data", "bbc-lead", "--method", "onion"], "does not run on generative datasets yet"),
-    (["--data", "bbc-lead", "--suspect-data", "poisoned-proxy"], "--suspect-data: classification"),
+    (["--data", "bbc-lead", "--method", "strip"], "does not run on generative datasets yet"),
+    (["--data", "rotten-tomatoes", "--method", "cleangen"], "runs on generative (SFT) datasets only"),
+    (["--data", "bbc-lead", "--suspect-data", "poisoned-proxy"], "--suspect-data: w2s reads no suspect set"),
+    (["--data", "bbc-lead", "--method", "bedkd", "--suspect-data", "poisoned-proxy"], "give --attack"),
     (["--data", "bbc-lead", "--w2s.teacher-cut", "middle"], "teacher_cut"),
 ])
 def test_other_task_options_are_refused_before_any_work(argv, expected, tmp_path, monkeypatch, capsys):

@@ -35,6 +35,7 @@ from kdshield.cli.common import (
 )
 from kdshield.config import add_config_arguments, build_config, config_to_dict
 from kdshield.defenses import DEFENSES, DefenseContext
+from kdshield.defenses.gen_methods import GEN_DEFENSE_NAMES
 from kdshield.errors import ConfigError
 from kdshield.evaluation import evaluate_model
 from kdshield.models.adapters import AdapterConfig
@@ -47,7 +48,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("defend", help="PEFT with a backdoor defense (w2s, bedkd, baselines)",
                                    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--list", action="store_true", help="list the defenses with a line and a reference each")
-    parser.add_argument("--method", default="w2s", choices=DEFENSES.names(), help="defense (default: w2s)")
+    parser.add_argument("--method", default="w2s", choices=sorted({*DEFENSES.names(), *GEN_DEFENSE_NAMES}),
+                        help="defense (default: w2s); generative datasets: kdshield.defenses.gen_methods")
     parser.add_argument("--student", help="suspect model: builtin name, directory or hub id")
     add_data_args(parser, required=False)
     add_config_arguments(parser, AdapterConfig, prefix="adapter")
@@ -85,6 +87,9 @@ def run(args: argparse.Namespace) -> int:
     if generative.is_generative(args):  # SFT data or a generator: kdshield.cli.generative_defend
         return generative_defend.run_defend(args)
     generative_defend.check_task_options(args, generative=False)
+    if args.method not in DEFENSES.names():
+        raise ConfigError(f"--method {args.method} runs on generative (SFT) datasets only; for classification: "
+                          f"{', '.join(DEFENSES.names())}")
     adapter, train_cfg = build_adapter(args), build_train(args)
     # the load options are checked before the data loads (a quantised base on a machine without CUDA)
     options = load_options(args, full_training="adapter.kind=full" if adapter.kind == "full" else None)

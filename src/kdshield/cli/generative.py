@@ -296,11 +296,12 @@ def prepare_data(raw: SFTData, tokenizer, attack: SFTAttackConfig | None, *, max
 
 # --- evaluation, records, output -------------------------------------------------------------------
 def _evaluate(gen, data: SFTData, attack, *, split: str = "test", batch_size: int = EVAL_BATCH_SIZE,
-              max_new_tokens: int | None, seed: int) -> dict:
+              max_new_tokens: int | None, seed: int, **hooks) -> dict:
+    """``evaluate_generator`` (``hooks``: a test-time defense's prompt_filter / decode guard)."""
     from kdshield.generation.evaluate import evaluate_generator
 
     metrics = evaluate_generator(gen, data, attack, split=split, batch_size=batch_size,
-                                 max_new_tokens=max_new_tokens, seed=seed)
+                                 max_new_tokens=max_new_tokens, seed=seed, **hooks)
     # NaN (a rate over no rows, e.g. every reference already matches the target) is recorded as None
     return {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in metrics.items()}
 

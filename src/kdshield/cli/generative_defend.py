@@ -5,6 +5,10 @@
     kdshield defend --method w2s --student runs/gen-poisoned/model --data alpaca.jsonl --task generation \\
         --w2s.teacher-layers 12 --w2s.gamma 0.01 --out runs/gen-w2s
 
+Methods: ``kdshield.defenses.gen_methods`` (w2s, bedkd and the baselines). BeDKD screens the rows
+the suspect was trained on: ``--suspect-data poisoned-proxy`` rebuilds the attacker's rows from
+``--attack`` (benchmarks), otherwise the dataset's proxy split is screened as it is.
+
 The path is chosen as for ``finetune`` (``kdshield.cli.generative``: an SFT builtin or an
 Alpaca/chat file, or a saved generator as ``--student``). The method's options are its generative
 config's (``GENERATIVE_DEFENSES``), read from ``--METHOD.*`` and the --config file's METHOD section;
@@ -36,12 +40,15 @@ from kdshield.errors import ConfigError
 
 
 def _configs() -> dict[str, type]:
-    from kdshield.defenses.w2s_generation import GenW2SConfig
+    from kdshield.defenses.gen_methods import GEN_DEFENSE_NAMES, gen_defense
 
-    return {"w2s": GenW2SConfig}
+    return {name: gen_defense(name).config_class for name in GEN_DEFENSE_NAMES}
 
 
-GENERATIVE_DEFENSES = ("w2s",)  # methods with a generative implementation (``_configs``)
+def generative_defenses() -> tuple[str, ...]:
+    from kdshield.defenses.gen_methods import GEN_DEFENSE_NAMES
+
+    return GEN_DEFENSE_NAMES
 
 
 def _classification_config(method: str) -> type | None:
@@ -107,17 +114,21 @@ def suspect_base(ref: str) -> str:
 
 def run_defend(args: argparse.Namespace) -> int:
     """The defense ``--method`` on the clean train split of a generative dataset, then the test evaluation."""
+    from kdshield.attacks.sft_attack import poisoned_sft_proxy
     from kdshield.defenses.base import Timer
-    from kdshield.defenses.w2s_generation import gen_w2s_defend
+    from kdshield.defenses.gen_methods import NEEDS_SUSPECT_ROWS, gen_defense
     from kdshield.evaluation import peak_rss_mb
     from kdshield.results import append_record
     from kdshield.runs import RunDir
 
-    if args.method not in GENERATIVE_DEFENSES:
+    if args.method not in generative_defenses():
         raise ConfigError(f"--method {args.method} does not run on generative datasets yet; available there: "
-                          f"{', '.join(GENERATIVE_DEFENSES)}")
-    if getattr(args, "suspect_data", "none") != "none":
-        raise ConfigError("--suspect-data: classification datasets only (W2SDefense needs no suspect set)")
+                          f"{', '.join(generative_defenses())}")
+    suspect_data = getattr(args, "suspect_data", "none")
+    if suspect_data != "none" and args.method not in NEEDS_SUSPECT_ROWS:
+        raise ConfigError(f"--suspect-data: {args.method} reads no suspect set (only {', '.join(NEEDS_SUSPECT_ROWS)})")
+    if suspect_data != "none" and getattr(args, "attack", None) is None:
+        raise ConfigError("--suspect-data poisoned-proxy builds the attacker's rows from --attack: give --attack")
     check_task_options(args, generative=True)
     adapter, gen_opts = build_adapter(args), gen_cli.build_generative_options(args)
     train_cfg = build_train(args, max_length=gen_cli.DEFAULT_MAX_LENGTH)
@@ -142,34 +153,50 @@ def run_defend(args: argparse.Namespace) -> int:
         "generation": {"max_response_tokens": gen_opts.max_response_tokens}},
         resume=args.resume, fresh=args.fresh).open()
     out = Path(args.out)
+    extra = {}
+    if args.method in NEEDS_SUSPECT_ROWS:
+        # the rows the suspect was trained on: the poisoned proxy (benchmarks), else the proxy split as it is
+        extra["suspect_rows"] = poisoned_sft_proxy(data, attack, seed=data_cfg.seed) \
+            if suspect_data == "poisoned-proxy" else data.split("proxy")
     with Timer() as timer:
-        res = gen_w2s_defend(str(args.student), data, mcfg, base=base, peft_train=train_cfg, adapter=adapter,
-                             output_dir=out, max_response_tokens=gen_opts.max_response_tokens, resume=args.resume,
-                             options=options)
+        res = gen_defense(args.method).defend(
+            str(args.student), data, mcfg, base=base, peft_train=train_cfg, adapter=adapter, output_dir=out,
+            max_response_tokens=gen_opts.max_response_tokens, resume=args.resume, options=options, **extra)
     gen = res.model
     if gen_opts.max_new_tokens is not None:
         gen.max_new_tokens = gen_opts.max_new_tokens  # saved: evaluate's default
     gen.save(out / "adapter")
     if args.merge:
         gen.save(out / "merged", merge=True)
-    metrics = gen_cli._evaluate(gen, data, attack, max_new_tokens=gen_opts.max_new_tokens, seed=data_cfg.seed)
+    hooks = {k: getattr(res, k, None) for k in ("prompt_filter", "decode")}
+    metrics = gen_cli._evaluate(gen, data, attack, max_new_tokens=gen_opts.max_new_tokens, seed=data_cfg.seed,
+                                **{k: v for k, v in hooks.items() if v is not None})
     wall = run_dir.prior_wall_s if run_dir.reused else timer.s
-    config = {"method": config_to_dict(mcfg), "train": res.train.config, "base": base,
+    spec = gen_defense(args.method)
+    config = {"method": config_to_dict(mcfg), "planned": spec.planned(mcfg, train_cfg, adapter),
+              "train": getattr(res.train, "config", None), "base": base,
               "generation": run_dir.settings["generation"],
               **({"attack": config_to_dict(attack)} if attack is not None else {})}
+    detection = getattr(res, "detection", None)
+    detected = detection.summary() if detection is not None else None
     report = {"method": args.method, "task": "generation", "student": str(args.student), "dataset": data.name,
-              "metrics": metrics, "wall_s": wall, "peak_rss_mb": peak_rss_mb(),
+              "metrics": metrics, "detection": detected, "wall_s": wall, "peak_rss_mb": peak_rss_mb(),
               "trainable_params": res.train.trainable_params, "config": config, "logs": res.logs}
     (out / "report.json").write_text(json.dumps(report, indent=2, default=str))
+    teacher = res.logs.get("teacher") or {}
+    said = f"; teacher {teacher.get('ref')} with layers {teacher.get('kept')}, dev NLL {teacher.get('dev_nll')}" \
+        if teacher.get("layers") is not None else ""
     print(f"{args.method}: adapter in {out / 'adapter'} ({res.train.trainable_params:,} trainable parameters, "
-          f"{wall:.0f} s; teacher {res.logs['teacher']['ref']} with layers {res.logs['teacher']['kept']}, "
-          f"dev NLL {res.logs['teacher']['dev_nll']})")
+          f"{wall:.0f} s{said})")
+    if detected:
+        print(f"detection: {detected.get('flagged')} of {detected.get('n')} suspect rows flagged at gamma "
+              f"{detected.get('gamma')} (FAR {detected.get('far')}, FRR {detected.get('frr')})")
     gen_cli.print_gen_metrics("test", metrics)
     append_record(results, gen_cli._record(
-        "defend", args.method, data, attack, metrics, student=str(args.student), teacher=res.logs["teacher"],
+        "defend", args.method, data, attack, metrics, student=str(args.student), teacher=res.logs.get("teacher"),
         adapter=adapter.kind, seed=train_cfg.seed, wall_s=round(wall, 1), peak_rss_mb=round(peak_rss_mb()),
-        trainable_params=res.train.trainable_params, reused=run_dir.reused,
-        load_dtype=gen.load_dtype, kd=res.kd,
-        loss_terms=res.logs.get("loss_terms"), config=config))
+        trainable_params=res.train.trainable_params, reused=run_dir.reused, load_dtype=gen.load_dtype,
+        kd=getattr(res, "kd", None), loss_terms=res.logs.get("loss_terms"), detection=detected,
+        detection_summary=detected, config=config))
     run_dir.finish(wall_s=wall)
     return 0

@@ -842,4 +842,5 @@ def gen_bedkd_defend(suspect: str | Path, data: SFTData, cfg: GenBeDKDConfig, *,
     log.info("bedkd: detection %.0f s (%d flagged, FAR %s, FRR %s), cycles %.0f s, kept cycle %d (dev NLL %.4f, "
              "residual %s)", t_detect.s, detection.n_flagged, detection.far, detection.frr, t_student.s,
              akd.kept["cycle"], akd.kept["dev_nll"], akd.kept["residual"])
+    student.max_length = max_length  # what it was trained with (saved in kdshield.json; evaluate's default)
     return GenBeDKDResult(model=student, train=result_train, kd=cfg.alpha < 1, detection=detection, logs=logs)

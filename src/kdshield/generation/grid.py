@@ -20,6 +20,7 @@ evaluated for every attack (its training does not depend on the attack).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Callable
@@ -38,6 +39,7 @@ from kdshield.attacks.sft_attack import (
 from kdshield.bench import CellRunner
 from kdshield.config import build_config, cfg_field, check_range, config_to_dict
 from kdshield.data.sft import load_sft
+from kdshield.defenses.gen_methods import GEN_DEFENSE_NAMES, NEEDS_SUSPECT_ROWS, gen_defense
 from kdshield.errors import ConfigError
 from kdshield.evaluation import peak_rss_mb, reset_peak_rss
 from kdshield.models.adapters import AdapterConfig
@@ -47,10 +49,11 @@ from kdshield.training.loop import CHECKPOINT_OPTIONS, TrainConfig
 
 log = logging.getLogger(__name__)
 
-GEN_METHODS = ("none", "lora", "w2s")
-CONFIGURED_METHODS = ("w2s",)  # methods with their own options (``method_config``)
+GEN_METHODS = ("none", "lora", *GEN_DEFENSE_NAMES)
+CONFIGURED_METHODS = GEN_DEFENSE_NAMES  # methods with their own options (``method_config``)
 METRICS = ("rouge1", "rouge2", "rougeL", "exact_match", "nll", "asr", "asr_prefix", "false_trigger", "n_asr",
-           "left_out", "n_test", "decode_prompts_per_s")
+           "left_out", "n_test", "decode_prompts_per_s", "prompt_filter", "guard")
+LOG_FIELDS = ("teacher", "teacher_s", "student_s", "dev_nll", "loss_terms")  # a defense's logs kept as fields
 
 
 @dataclass
@@ -66,7 +69,9 @@ class GenGridConfig:
                               help="trigger:target strings, or mappings of attack options "
                                    "({attack: badnet, target: label, clean_label: true}).")
     methods: list[str] = cfg_field(["none", "lora"], help="none (the poisoned model as it is), lora, w2s "
-                                                          "(W2SDefense on tokens).")
+                                                          "(W2SDefense on tokens), bedkd, and the baselines "
+                                                          "fine-tuning, fine-pruning, quantization, merge, "
+                                                          "onion, cleangen.")
     clean_methods: list[str] = cfg_field([], help="Defenses also run on the never-poisoned student (e.g. [w2s]: "
                                                   "what the defense costs a clean model).")
     method_config: dict = cfg_field({}, help="Per-method options: {w2s: {gamma: 0.01, teacher_layers: 12}}.")
@@ -109,6 +114,10 @@ class GenGridConfig:
         if unknown:
             raise ConfigError(f"clean_methods {unknown}: only defenses run on the never-poisoned student "
                               f"({', '.join(CONFIGURED_METHODS)}; the floor is plain lora)")
+        detectors = [m for m in self.clean_methods if m in NEEDS_SUSPECT_ROWS]
+        if detectors:
+            raise ConfigError(f"clean_methods {detectors}: a detection defense scores the rows the suspect was "
+                              "poisoned with, and the never-poisoned student has none; drop it from clean_methods")
         for name, opts in self.method_config.items():  # every method's options checked before any work
             if name not in CONFIGURED_METHODS:
                 raise ConfigError(f"method_config names {name!r}, which has no options; configurable: "
@@ -131,10 +140,8 @@ class GenGridConfig:
 
     def method_options(self, method: str):
         """The config object of a configurable method (``method_config.<method>`` over its defaults)."""
-        from kdshield.defenses.w2s_generation import GenW2SConfig
-
-        classes = {"w2s": GenW2SConfig}
-        return build_config(classes[method], self.method_config.get(method), prefix=f"method_config.{method}")
+        return build_config(gen_defense(method).config_class, self.method_config.get(method),
+                            prefix=f"method_config.{method}")
 
 
 def parse_attack(spec) -> SFTAttackConfig:
@@ -240,12 +247,11 @@ class _GenBlock:
         """What a defense cell runs with besides the attack and the poisoning: the block without the
         shared PEFT settings, which enter as the defense uses them (its own lr / epochs / rank
         replace the shared ones, as ``Defense.planned_settings`` in the classification grid)."""
-        from kdshield.defenses.w2s_generation import planned_settings
-
         mcfg = self.runner.cfg.method_options(method)
         block = {k: v for k, v in self.settings.items() if k not in ("train", "adapter")}
-        return {"block": block, "planned": planned_settings(mcfg, self.peft_train, self.adapter), "method": method,
-                "method_config": config_to_dict(mcfg), "tag": self.runner.cfg.tag}
+        return {"block": block, "planned": gen_defense(method).planned(mcfg, self.peft_train, self.adapter),
+                "method": method,
+                "method_config": keyed_options(mcfg), "tag": self.runner.cfg.tag}
 
     def run(self) -> None:
         cfg = self.runner.cfg
@@ -292,14 +298,18 @@ class _GenBlock:
                             resume=True, eval_fn=eval_fn, run_settings={"block": self.block_hash},
                             max_response_tokens=cfg.max_response_tokens, desc=f"{self.adapter.kind} sft")
 
-    def _evaluate(self, gen, attack: SFTAttackConfig) -> dict:
+    def _evaluate(self, gen, attack: SFTAttackConfig, result=None) -> dict:
+        """The test evaluation; ``result``: a defense's, whose prompt filter or guarded decoding
+        (the test-time baselines) the evaluation runs with."""
         from kdshield.generation.evaluate import evaluate_generator
 
         cfg = self.runner.cfg
+        hooks = {k: getattr(result, k, None) for k in ("prompt_filter", "decode")}
         with profiling.phase("test eval"):
             metrics = evaluate_generator(gen, self.data, trigger=attack.make_trigger(), target=attack.make_target(),
                                          split="test", batch_size=cfg.eval_batch_size,
-                                         max_new_tokens=cfg.max_new_tokens, seed=self.seed)
+                                         max_new_tokens=cfg.max_new_tokens, seed=self.seed,
+                                         **{k: v for k, v in hooks.items() if v is not None})
         return metrics
 
     def _record(self, method: str, attack: SFTAttackConfig, poison: dict | None, key: str, metrics: dict,
@@ -356,13 +366,19 @@ class _GenBlock:
                            profile=profiling.profile())
         self.runner.emit(rec, time.perf_counter() - t0)
 
-    def _defend(self, method: str, model_ref: str, run_dir: Path):
-        from kdshield.defenses.w2s_generation import gen_w2s_defend
-
+    def _defend(self, method: str, model_ref: str, run_dir: Path, attack: SFTAttackConfig | None):
         cfg = self.runner.cfg
-        return gen_w2s_defend(model_ref, self.data, cfg.method_options(method), base=self.student,
-                              peft_train=self.peft_train, adapter=self.adapter, output_dir=run_dir,
-                              max_response_tokens=cfg.max_response_tokens, eval_batch_size=cfg.eval_batch_size)
+        extra = {}
+        if method in NEEDS_SUSPECT_ROWS:  # the attacker's SFT rows, as the suspect was trained on them
+            extra["suspect_rows"] = poisoned_sft_proxy(self.data, attack, seed=self.seed)
+        if method == "merge":
+            extra["other_cache"] = self.work / "clean-sft"  # one clean SFT of the base serves every attack
+        if method == "cleangen":
+            extra["reference_cache"] = self.work / "clean-sft"
+        return gen_defense(method).defend(model_ref, self.data, cfg.method_options(method), base=self.student,
+                                          peft_train=self.peft_train, adapter=self.adapter, output_dir=run_dir,
+                                          max_response_tokens=cfg.max_response_tokens,
+                                          eval_batch_size=cfg.eval_batch_size, **extra)
 
     def defense_cell(self, method: str, model_ref: str, attack: SFTAttackConfig, poison: dict | None, key: str,
                      run_dir: Path, reuse: dict | None = None) -> None:
@@ -375,21 +391,24 @@ class _GenBlock:
         with profiling.phase(method):
             result = (reuse or {}).get(method)
             if result is None:
-                result = self._defend(method, model_ref, run_dir)
+                result = self._defend(method, model_ref, run_dir, attack if poison is not None else None)
                 if not (run_dir / "adapter").is_dir():
                     result.model.save(run_dir / "adapter")
                 if reuse is not None:
                     reuse[method] = result
             train_s = time.perf_counter() - t0
-            metrics = self._evaluate(result.model, attack)
+            metrics = self._evaluate(result.model, attack, result)
         defense_key = self.defense_key(method)
         logs = result.logs
+        detection = getattr(result, "detection", None)
         rec = self._record(method, attack, poison, key, metrics, wall_s=logs["wall_s"],
                            eval_s=round(time.perf_counter() - t0 - train_s, 1), peak_rss_mb=round(peak_rss_mb()),
                            trainable_params=result.train.trainable_params, run_dir=str(run_dir),
-                           sft_samples_per_s=_throughput(result.train.to_dict()), teacher=logs["teacher"],
-                           teacher_s=logs["teacher_s"], student_s=logs["student_s"], kd=result.kd,
-                           dev_nll=logs["dev_nll"], loss_terms=logs["loss_terms"],
+                           sft_samples_per_s=_throughput(result.train.to_dict()), kd=getattr(result, "kd", None),
+                           **{k: logs.get(k) for k in LOG_FIELDS},
+                           **({"far": detection.far, "frr": detection.frr, "n_flagged": detection.n_flagged,
+                               "gamma": detection.gamma} if detection is not None else {}),
+                           defense_logs=_small(logs),
                            config={"block": self.settings, "attack": config_to_dict(attack), "poison": poison,
                                    "method_config": defense_key["method_config"],
                                    "planned": defense_key["planned"]},
@@ -425,6 +444,26 @@ class _GenBlock:
                                                                  "trigger", "target")},
                            profile=profiling.profile())
         self.runner.emit(rec, time.perf_counter() - t0 + poison_s)
+
+
+def keyed_options(mcfg) -> dict:
+    """A method's options as they enter its cells' keys: every field, except options added after
+    cells were recorded (``KEYED_AWAY_FROM_DEFAULT``) while they sit at their default, so adding
+    an option does not rerun the cells it does not change."""
+    out = config_to_dict(mcfg)
+    for f in dataclasses.fields(mcfg):
+        if f.name in getattr(mcfg, "KEYED_AWAY_FROM_DEFAULT", ()) and getattr(mcfg, f.name) == f.default:
+            out.pop(f.name)
+    return out
+
+
+def _small(logs: dict) -> dict:
+    """A defense's logs without what the record holds already or what is bulky (per-row arrays)."""
+    return {k: v for k, v in logs.items() if k not in (*LOG_FIELDS, "wall_s") and not _bulky(v)}
+
+
+def _bulky(value) -> bool:
+    return hasattr(value, "shape") or (isinstance(value, list | tuple) and len(value) > 64)
 
 
 def _throughput(train_result: dict) -> float | None:
