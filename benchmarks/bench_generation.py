@@ -14,6 +14,11 @@
    classification training step (Rotten Tomatoes, width 64), a LoRA SFT step (bbc-lead rows at the
    grid's max_length) and greedy decoding (bbc-lead test prompts, the grid's max_new_tokens), in
    samples (prompts) per second; one ``throughput`` record in ``--throughput-out``.
+3. **W2SDefense cost** (``--only w2s-cost``), in this process one after the other on the same rows:
+   one epoch of plain LoRA SFT (the grid's adapter) and one epoch of the W2SDefense student (its
+   own defaults, KD and feature alignment on) with the teacher prepared and its outputs cached
+   first (timed apart); training seconds per epoch and peak RSS of each; one ``w2s-cost`` record
+   in ``--cost-out``. The issue's target: the student at most 1.3x plain LoRA per epoch.
 
 The issue's checks are printed under the table: the poisoned model's ASR >= 0.90 with utility
 within 2 pt of the floor's, and plain LoRA's ASR >= 0.80.
@@ -36,9 +41,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--configs", nargs="+", default=[str(c) for c in CONFIGS])
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a grid key")
-    p.add_argument("--only", choices=["grids", "throughput"], default=None)
+    p.add_argument("--only", choices=["grids", "throughput", "w2s-cost"], default=None)
     p.add_argument("--throughput-out", default=str(ROOT / "benchmarks" / "results" / "generation-throughput.jsonl"))
     p.add_argument("--throughput-rows", type=int, default=32, help="rows per throughput measurement")
+    p.add_argument("--cost-out", default=str(ROOT / "benchmarks" / "results" / "generation-cost.jsonl"))
+    p.add_argument("--cost-rows", type=int, default=48, help="training rows of the W2SDefense cost A/B")
     return p.parse_args(argv)
 
 
@@ -129,6 +136,51 @@ def throughput(args) -> dict:
     return out
 
 
+def w2s_cost(args) -> dict:
+    """One epoch of plain LoRA SFT against one epoch of the W2SDefense student on the same rows."""
+    import dataclasses
+    import tempfile
+
+    import torch
+
+    from kdshield.config import build_config, load_yaml
+    from kdshield.data.sft import load_sft
+    from kdshield.defenses.w2s_generation import GenW2SConfig, gen_w2s_defend
+    from kdshield.evaluation import peak_rss_mb, reset_peak_rss
+    from kdshield.generation.grid import GenGridConfig
+    from kdshield.models.adapters import AdapterConfig
+    from kdshield.results import append_record, build_record
+    from kdshield.training.loop import TrainConfig
+    from kdshield.training.sft import sft_finetune
+
+    cfg = build_config(GenGridConfig, load_yaml(CONFIGS[0]))
+    n = args.cost_rows
+    data = load_sft("bbc-lead", n_train=n, n_dev=16, n_test=16, n_proxy=16, max_chars=cfg.max_chars)
+    shared = TrainConfig(epochs=1, lr=cfg.lr, batch_size=cfg.batch_size, max_length=cfg.max_length,
+                         checkpoint_every=0)
+    adapter = AdapterConfig(kind="lora", r=cfg.lora_r, lora_alpha=cfg.lora_alpha)
+    out = {"threads": torch.get_num_threads(), "rows": n, "batch_size": cfg.batch_size,
+           "max_length": cfg.max_length}
+    with tempfile.TemporaryDirectory() as tmp:
+        reset_peak_rss()
+        _, lora = sft_finetune("smollm2-135m", data, adapter, shared, output_dir=f"{tmp}/lora",
+                               max_response_tokens=cfg.max_response_tokens, desc="lora sft (cost)")
+        out["lora_train_s"], out["lora_peak_rss_mb"] = lora.train_s, peak_rss_mb()
+        out["lora_trainable_params"] = lora.trainable_params
+        w2s_cfg = dataclasses.replace(GenW2SConfig(), epochs=1)
+        reset_peak_rss()
+        res = gen_w2s_defend("smollm2-135m", data, w2s_cfg, base="smollm2-135m", peft_train=shared,
+                             adapter=adapter, output_dir=f"{tmp}/w2s", max_response_tokens=cfg.max_response_tokens,
+                             teacher_cache=Path(tmp) / "teachers")
+        out["w2s_train_s"], out["w2s_peak_rss_mb"] = res.train.train_s, peak_rss_mb()
+        out["w2s_trainable_params"] = res.train.trainable_params
+        out["teacher_s"] = res.logs["teacher_s"]  # SFT + cut choice + cached outputs, paid once per data
+    out["w2s_vs_lora_epoch"] = out["w2s_train_s"] / out["lora_train_s"]
+    append_record(args.cost_out, build_record("w2s-cost", "measure", dataset="bbc-lead", student="smollm2-135m",
+                                              **out, config={"grid": cfg.__dict__, "w2s": w2s_cfg.__dict__}))
+    return out
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -153,6 +205,12 @@ def main(argv=None) -> int:
               f"{t['sft_lora_samples_per_s']:.2f} samples/s ({t['sft_mean_tokens']:.0f} tokens/row; "
               f"{t['sft_vs_classification_step']:.1f}x slower), greedy decoding {t['decode_prompts_per_s']:.2f} "
               f"prompts/s ({t['decode_max_new_tokens']} new tokens at most)")
+    if args.only == "w2s-cost":
+        c = w2s_cost(args)
+        print(f"\nW2SDefense cost on {c['threads']} thread(s), {c['rows']} rows, one epoch each: plain LoRA "
+              f"{c['lora_train_s']:.0f} s (peak RSS {c['lora_peak_rss_mb']:.0f} MB), W2SDefense student "
+              f"{c['w2s_train_s']:.0f} s (peak RSS {c['w2s_peak_rss_mb']:.0f} MB): {c['w2s_vs_lora_epoch']:.2f}x "
+              f"(target <= 1.3x); the teacher, once: {c['teacher_s']:.0f} s")
     return 0
 
 
