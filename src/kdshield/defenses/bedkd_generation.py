@@ -15,27 +15,14 @@ gives FAR/FRR), the defender's clean ``train`` split (DMM and trust rows) and a 
 **the defaults are untuned**: they are the classification BeDKD's where a setting transfers, and
 nothing here has been measured on the embedded SmolLM2 or at scale yet.
 
-1. **DMM.** A copy of the suspect + LoRA (``dmm_adapter``) trained on ``n_dmm`` clean train rows
-   whose responses are *deranged*: row ``i`` gets the response of row ``pi(i)``, ``pi`` a seeded
-   permutation without fixed points (``derangement``), with
-   ``dmm_alpha * CE + (1 - dmm_alpha) * T^2 * KL_topk(suspect || DMM)`` on those sequences (the
-   suspect's top-k bins computed once). This is the classification DMM's flipped labels on tokens:
-   the prompt -> response mapping is destroyed, the trigger -> target mapping is never touched.
-2. **MEPD.** Per suspect row, the mean over its response tokens of the total variation
-   ``0.5 * sum_v |p_suspect(v) - p_DMM(v)|`` between the two models' full next-token softmaxes
-   (teacher-forced on the row's own response; computed batch by batch, no full-vocabulary logits
-   are kept). The classification MEPD (mean over k classes of ``|p - q|``) equals TV for two
-   classes and shrinks to nothing over a 49k vocabulary, hence TV, on [0, 1]. As in
-   ``detection.mepd_flags`` a row is flagged when its score is **below** ``gamma``: a poisoned row's
-   target is the mapping both models still share. The label filter's analogue (the suspect
-   predicts the sample's own label) is ``match_filter``: flag only rows whose response tokens are
-   the suspect's teacher-forced argmax at least that often (0 = off, the default: the suspect was
-   trained on its clean rows too, so the filter separates little, and it would drop ``append``
-   rows, whose clean part the suspect need not reproduce). FAR/FRR against ``poisoned`` and the
-   curve over ``gamma_grid`` as ``detection`` computes them (the curve ignores ``match_filter``).
-   The detection is written to ``output_dir/detection`` (``gen_mepd_scores.jsonl``,
-   ``gen_mepd_detection.json``, ``gen_mepd_far_frr.png``) and keyed by its settings: a resumed run
-   reuses the scores and re-thresholds them at the current ``gamma``.
+1. **DMM** and 2. **MEPD** (``kdshield.defenses.gen_mepd``, whose doc says how): a copy of the
+   suspect trained on deranged clean rows (``n_dmm``, ``dmm_*``), then per suspect row the mean
+   per-token total variation between the two models' next-token softmaxes; a row is flagged when
+   it is **below** ``gamma`` (and ``match_filter``, off by default). FAR/FRR and the curve over
+   ``gamma_grid`` when a ``poisoned`` column is there. The detection is written to
+   ``output_dir/detection`` (``gen_mepd_scores.jsonl``, ``gen_mepd_detection.json``,
+   ``gen_mepd_far_frr.png``) and keyed by its settings: a resumed run reuses the scores and
+   re-thresholds them at the current ``gamma``.
 3. **Adversarial KD.** Teacher = the frozen suspect (eval(), requires_grad_(False), outputs under
    no_grad, its top-k bins on the trust rows cached once); student = the suspect + the shared
    adapter (``lora_r`` / ``lora_alpha`` may replace the rank). A cycle is one epoch on ``n_trust``
@@ -74,11 +61,10 @@ punished responses start with a clean answer).
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import json
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -93,10 +79,32 @@ from kdshield.data.batching import Encoded, collate, epoch_batches
 from kdshield.data.core import rows_digest
 from kdshield.data.sft import SFTData
 from kdshield.defenses.base import Timer
+from kdshield.defenses.gen_mepd import (  # noqa: F401 (the detection's public names: re-exported)
+    DETECTION_DIR,
+    DETECTION_KEYS,
+    DMM_ADAPTERS,
+    MEPD_POOLS,
+    PLOT_FILE,
+    SCORES_FILE,
+    SUMMARY_FILE,
+    GenDetection,
+    _device_batches,
+    _lean,
+    deranged_rows,
+    derangement,
+    distill_terms,
+    gen_mepd,
+    mepd_scores,
+    read_gen_detection,
+    response_ordinals,
+    threshold,
+    total_variation,
+    train_dmm,
+    write_gen_detection,
+)
 from kdshield.defenses.w2s_generation import compute_teacher_outputs, encoded_digest
-from kdshield.detection import GAMMA_GRID, plot_far_frr
+from kdshield.detection import GAMMA_GRID
 from kdshield.errors import ConfigError, DataError
-from kdshield.evaluation import far_frr, far_frr_curve
 from kdshield.inference import autocast_for, resolve_precision
 from kdshield.models.adapters import AdapterConfig
 from kdshield.models.generator import (
@@ -112,22 +120,14 @@ from kdshield.training.loop import (
     load_trainable,
     read_json_state,
     read_weights,
-    train,
     trainable_state,
     write_dir_atomically,
 )
-from kdshield.training.losses import topk_distillation_kl
 from kdshield.training.sft import ROW_COLUMNS, encode_sft, response_nll
 
 log = logging.getLogger(__name__)
 
 PUNISH_LOSSES = ("hinge", "unlikelihood")
-MEPD_POOLS = ("mean", "max")
-DMM_ADAPTERS = ("lora", "full")
-DETECTION_DIR = "detection"
-SCORES_FILE, SUMMARY_FILE, PLOT_FILE = "gen_mepd_scores.jsonl", "gen_mepd_detection.json", "gen_mepd_far_frr.png"
-DETECTION_KEYS = ("n_dmm", "dmm_alpha", "dmm_temperature", "dmm_lr", "dmm_epochs", "dmm_batch_size",
-                  "dmm_adapter", "top_k", "mepd_pool")  # what the scores depend on (gamma and match_filter only threshold)
 
 
 @dataclass
@@ -233,37 +233,6 @@ class GenBeDKDConfig:
 
 
 # --- pure pieces ------------------------------------------------------------------------------------
-def derangement(n: int, seed: int) -> np.ndarray:
-    """A seeded permutation of ``range(n)`` with no fixed points (uniform over derangements: seeded
-    rejection sampling, about e draws on average)."""
-    if n < 2:
-        raise ConfigError(f"a derangement needs at least 2 rows, got {n}")
-    rng = np.random.default_rng(seed)
-    while True:
-        perm = rng.permutation(n)
-        if not (perm == np.arange(n)).any():
-            return perm
-
-
-def deranged_rows(rows: Dataset, seed: int) -> tuple[Dataset, float]:
-    """``rows`` with row ``i``'s response replaced by row ``derangement(i)``'s; also the share of
-    rows whose new response happens to equal their own (duplicate responses: those keep the
-    mapping, so a high share weakens the DMM)."""
-    perm = derangement(len(rows), seed)
-    outputs = list(rows["output"])
-    new = [outputs[int(j)] for j in perm]
-    same = float(np.mean([a == b for a, b in zip(outputs, new)]))
-    return rows.remove_columns("output").add_column("output", new), same
-
-
-def total_variation(p_logits: torch.Tensor, q_logits: torch.Tensor) -> torch.Tensor:
-    """``0.5 * sum_v |softmax(p) - softmax(q)|`` per row ([N, V] -> [N], in [0, 1])."""
-    if p_logits.shape != q_logits.shape:
-        raise ValueError(f"logits differ in shape: {tuple(p_logits.shape)} vs {tuple(q_logits.shape)}")
-    p, q = F.softmax(p_logits.float(), dim=-1), F.softmax(q_logits.float(), dim=-1)
-    return 0.5 * (p - q).abs().sum(dim=-1)
-
-
 def punish_token_loss(logits: torch.Tensor, targets: torch.Tensor, bound: float, kind: str = "hinge",
                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The punish term over response tokens (to be *minimised*), their NLL and the share of tokens
@@ -282,39 +251,6 @@ def punish_token_loss(logits: torch.Tensor, targets: torch.Tensor, bound: float,
     return loss, nll.detach().mean(), active.float().mean()
 
 
-def response_ordinals(out: GeneratorOutput) -> torch.Tensor:
-    """For each lean row (row-major): its index among its own example's response tokens."""
-    count = torch.bincount(out.rows, minlength=out.batch_size)
-    starts = count.cumsum(0) - count
-    return torch.arange(out.rows.shape[0], device=out.rows.device) - starts[out.rows]
-
-
-def distill_terms(out: GeneratorOutput, batch: dict, alpha: float, temperature: float,
-                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(a*CE + (1-a)*T^2*KL_topk, CE, KL)`` of a lean student output against the teacher bins the
-    batch carries (``t_idx``, ``t_logp``, ``t_len`` from ``compute_teacher_outputs``)."""
-    nll, count = out.token_nll()
-    if not torch.equal(count.cpu(), batch["t_len"].long().cpu()):
-        raise RuntimeError("bedkd: the batch's response tokens differ from the teacher's cached ones")
-    ce = nll.sum() / count.sum().clamp(min=1)
-    if alpha >= 1:
-        return ce, ce, torch.zeros_like(ce)
-    j = response_ordinals(out)
-    kd = topk_distillation_kl(out.response_logits, batch["t_idx"][out.rows, j], batch["t_logp"][out.rows, j],
-                              temperature)
-    return alpha * ce + (1 - alpha) * kd, ce, kd
-
-
-def _device_batches(encoded: Encoded, batch_size: int, device):
-    for rows in epoch_batches(encoded.lengths(), batch_size, 0, 0, shuffle=False):
-        yield rows, {k: v.to(device) for k, v in collate(encoded, rows).items()}
-
-
-def _lean(gen: Generator, batch: dict) -> GeneratorOutput:
-    return gen(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-               position_ids=batch["position_ids"], labels=batch["labels"])
-
-
 def _prefix_hits(out: GeneratorOutput, first_tokens: int) -> torch.Tensor:
     """Per batch row: all of its first ``first_tokens`` (0 = all) response tokens are the argmax."""
     miss = out.response_logits.argmax(dim=-1) != out.targets
@@ -322,32 +258,6 @@ def _prefix_hits(out: GeneratorOutput, first_tokens: int) -> torch.Tensor:
         miss &= response_ordinals(out) < first_tokens
     misses = torch.zeros(out.batch_size, device=miss.device).index_add(0, out.rows, miss.float())
     return misses == 0
-
-
-@torch.no_grad()
-def mepd_scores(suspect: Generator, dmm: Generator, encoded: Encoded, *, batch_size: int = 16,
-                precision: str = "fp32", pool: str = "mean") -> tuple[np.ndarray, np.ndarray]:
-    """Per row of ``encoded``: the mean (``pool="max"``: the largest) over its response tokens of
-    the TV between the suspect's and the DMM's next-token softmax, and the share of its response tokens that are the suspect's
-    teacher-forced argmax. Computed batch by batch: no full-vocabulary logits outlive a batch."""
-    suspect.eval()
-    dmm.eval()
-    device = next(suspect.parameters()).device
-    scores, match = np.zeros(len(encoded)), np.zeros(len(encoded))
-    for rows, batch in _device_batches(encoded, batch_size, device):
-        with autocast_for(precision, device):
-            a, b = _lean(suspect, batch), _lean(dmm, batch)
-        count = torch.bincount(a.rows, minlength=a.batch_size).clamp(min=1).float()
-        tv = total_variation(a.response_logits, b.response_logits)
-        zeros = torch.zeros(a.batch_size, device=device)
-        if pool == "max":
-            row_tv = zeros.scatter_reduce(0, a.rows, tv, reduce="amax", include_self=True)
-        else:
-            row_tv = zeros.index_add(0, a.rows, tv) / count
-        hit = (a.response_logits.argmax(dim=-1) == a.targets).float()
-        scores[rows] = row_tv.cpu().numpy()
-        match[rows] = (zeros.index_add(0, a.rows, hit) / count).cpu().numpy()
-    return scores, match
 
 
 @torch.no_grad()
@@ -368,146 +278,7 @@ def response_residual(gen: Generator, encoded: Encoded | None, *, first_tokens: 
     return hits / len(encoded)
 
 
-# --- detection ----------------------------------------------------------------------------------------
-@dataclass
-class GenDetection:
-    """MEPD of every suspect row, its flags at ``gamma``, FAR/FRR and the curve when the truth is
-    known; ``match``: share of each row's response tokens that are the suspect's argmax."""
-
-    scores: np.ndarray
-    match: np.ndarray
-    flags: np.ndarray
-    gamma: float
-    match_filter: float = 0.0
-    truth: np.ndarray | None = None
-    far: float | None = None
-    frr: float | None = None
-    curve: list[dict] | None = None
-    info: dict = field(default_factory=dict)
-    key: str | None = None  # settings hash of the scores (resume)
-
-    @property
-    def n_flagged(self) -> int:
-        return int(self.flags.sum())
-
-    @property
-    def flagged_indices(self) -> np.ndarray:
-        return np.flatnonzero(self.flags)
-
-    def summary(self) -> dict:
-        out = {"far": self.far, "frr": self.frr, "flagged": self.n_flagged, "gamma": self.gamma,
-               "n": len(self.scores), "match_filter": self.match_filter}
-        if self.truth is not None:
-            out["n_poisoned"] = int(self.truth.sum())
-        return out | self.info
-
-
-def threshold(scores: np.ndarray, match: np.ndarray, truth: np.ndarray | None, gamma: float,
-              match_filter: float, gamma_grid: list[float], *, info: dict | None = None,
-              key: str | None = None) -> GenDetection:
-    """Flags ``score < gamma`` (and ``match >= match_filter``), FAR/FRR and the curve over the grid."""
-    flags = (np.asarray(scores) < gamma) & (np.asarray(match) >= match_filter)
-    det = GenDetection(np.asarray(scores, dtype=float), np.asarray(match, dtype=float), flags, gamma,
-                       match_filter, info=dict(info or {}), key=key)
-    if truth is not None:
-        det.truth = np.asarray(truth, dtype=bool)
-        det.far, det.frr = far_frr(flags, det.truth)
-        det.curve = far_frr_curve(det.scores, det.truth, gamma_grid, flag_below=True)
-    return det
-
-
-def write_gen_detection(det: GenDetection, rows: Dataset, out_dir: str | Path, cfg: GenBeDKDConfig) -> Path:
-    """Scores and flags (JSONL), summary + curve + config (JSON), the FAR/FRR plot (PNG)."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    ids = rows["id"] if "id" in rows.column_names else [None] * len(rows)
-    with (out / SCORES_FILE).open("w", encoding="utf-8") as fh:
-        for i in range(len(det.scores)):
-            row = {"index": i, "id": ids[i], "mepd": float(det.scores[i]), "match": float(det.match[i]),
-                   "flagged": bool(det.flags[i])}
-            if det.truth is not None:
-                row["poisoned"] = bool(det.truth[i])
-            fh.write(json.dumps(row) + "\n")
-    meta = {"summary": det.summary(), "curve": det.curve, "config": config_to_dict(cfg), "key": det.key}
-    tmp = out / (SUMMARY_FILE + ".tmp")  # written last: a whole summary means whole scores
-    tmp.write_text(json.dumps(meta, indent=1))
-    tmp.replace(out / SUMMARY_FILE)
-    if det.curve:
-        plot_far_frr(det.curve, out / PLOT_FILE, gamma=det.gamma, title="bedkd (generation): FAR and FRR over gamma")
-    return out
-
-
-def read_gen_detection(out_dir: str | Path) -> tuple[dict, list[dict]] | None:
-    """The summary and the score rows ``write_gen_detection`` left, or None."""
-    out = Path(out_dir)
-    if not (out / SUMMARY_FILE).is_file() or not (out / SCORES_FILE).is_file():
-        return None
-    meta = read_json_state(out / SUMMARY_FILE)
-    rows = [json.loads(line) for line in (out / SCORES_FILE).read_text().splitlines() if line.strip()]
-    return meta, rows
-
-
-def train_dmm(suspect: Generator, rows: Dataset, cfg: GenBeDKDConfig, train_cfg: TrainConfig, adapter: AdapterConfig,
-              *, max_response_tokens: int | None, seed: int, eval_batch_size: int = 16) -> tuple[Generator, dict]:
-    """The DMM: a copy of the frozen ``suspect`` + ``adapter`` trained on ``rows`` with deranged
-    responses against the suspect's top-k bins on those same sequences."""
-    deranged, same = deranged_rows(rows, seed)
-    enc = encode_sft(suspect.tokenizer, deranged, max_length=train_cfg.max_length,
-                     max_response_tokens=max_response_tokens)
-    bins = compute_teacher_outputs(suspect, enc, top_k=cfg.top_k, temperature=cfg.dmm_temperature,
-                                   batch_size=eval_batch_size)
-    enc.extras = {"t_idx": bins.indices, "t_logp": bins.log_probs, "t_len": bins.lengths}
-    dmm = copy.deepcopy(suspect)
-    attach_generator_adapter(dmm, adapter)
-    dmm_cfg = dataclasses.replace(train_cfg, epochs=cfg.dmm_epochs, lr=cfg.dmm_lr, batch_size=cfg.dmm_batch_size,
-                                  grad_accum=1, warmup_ratio=0.0, schedule="constant", weight_decay=0.0,
-                                  eval_every=0, select_best=False, checkpoint_every=0, seed=seed, ema=0.0)
-
-    def loss_fn(model, batch):
-        loss, ce, kd = distill_terms(_lean(model, batch), batch, cfg.dmm_alpha, cfg.dmm_temperature)
-        return loss, {"ce": ce.detach(), "kd": kd.detach()}
-
-    # no checkpoints: a few hundred steps, and the finished detection is what a resume reuses
-    res = train(dmm, None, dmm_cfg, encoded=enc, loss_fn=loss_fn, desc="bedkd DMM")
-    dmm.eval().requires_grad_(False)
-    info = {"dmm_rows": len(rows), "dmm_steps": res.steps, "dmm_wall_s": round(res.wall_s, 2),
-            "dmm_adapter": adapter.kind, "dmm_same_response": round(same, 4)}
-    return dmm, info
-
-
-def gen_mepd(suspect: Generator, dmm_rows: Dataset, suspect_rows: Dataset, cfg: GenBeDKDConfig,
-             train_cfg: TrainConfig, adapter: AdapterConfig, *, max_response_tokens: int | None, seed: int,
-             eval_batch_size: int = 16, key: str | None = None) -> GenDetection:
-    """Train the DMM on ``dmm_rows`` and score every row of ``suspect_rows`` (``GenDetection``)."""
-    if len(suspect_rows) == 0:
-        raise DataError("the suspect data set is empty: nothing to detect")
-    precision = resolve_precision(train_cfg.precision)
-    dmm, info = train_dmm(suspect, dmm_rows, cfg, train_cfg, adapter, max_response_tokens=max_response_tokens,
-                          seed=seed, eval_batch_size=eval_batch_size)
-    kw = {"batch_size": eval_batch_size, "precision": precision, "pool": cfg.mepd_pool}
-    enc = encode_sft(suspect.tokenizer, suspect_rows, max_length=train_cfg.max_length,
-                     max_response_tokens=max_response_tokens)
-    scores, match = mepd_scores(suspect, dmm, enc, **kw)
-    # what a clean row scores: the DMM's own rows with their true responses (>= gamma is wanted)
-    own = encode_sft(suspect.tokenizer, dmm_rows, max_length=train_cfg.max_length,
-                     max_response_tokens=max_response_tokens)
-    clean, _ = mepd_scores(suspect, dmm, own, **kw)
-    del dmm
-    info |= {"dmm_clean_mepd": round(float(clean.mean()), 5),
-             "dmm_clean_above_gamma": round(float((clean >= cfg.gamma).mean()), 4)}
-    truth = suspect_rows["poisoned"] if "poisoned" in suspect_rows.column_names else None
-    det = threshold(scores, match, truth, cfg.gamma, cfg.match_filter, cfg.gamma_grid, info=info, key=key)
-    if info["dmm_clean_above_gamma"] < 0.5:
-        log.warning("the DMM moved only %.0f%% of its own clean rows by gamma=%g or more: MEPD will flag clean "
-                    "rows too; raise dmm_lr or dmm_epochs", 100 * info["dmm_clean_above_gamma"], cfg.gamma)
-    if det.flags.mean() > 0.5:
-        log.warning("MEPD flagged %.0f%% of the suspect rows: the DMM probably kept the clean mapping",
-                    100 * det.flags.mean())
-    log.info("MEPD: %d of %d rows flagged at gamma=%g (FAR %s, FRR %s)", det.n_flagged, len(scores), cfg.gamma,
-             det.far, det.frr)
-    return det
-
-
+# --- punished rows ------------------------------------------------------------------------------------
 def select_punish_rows(rows: Dataset, det: GenDetection, max_poisoned: int) -> Dataset:
     """Flagged rows, lowest MEPD (most confident) first, at most ``max_poisoned`` (0 = all)."""
     idx = det.flagged_indices
