@@ -15,6 +15,7 @@ import torch
 from kdshield.attacks.sft_attack import SFTAttackConfig, poisoned_sft_proxy, sft_attack_sets
 from kdshield.data.sft import SFTData
 from kdshield.defenses import bedkd_generation as bg
+from kdshield.defenses import gen_mepd as mepd_module
 from kdshield.defenses.bedkd_generation import (
     GenAdversarialKD,
     GenBeDKDConfig,
@@ -267,7 +268,7 @@ def test_end_to_end_defend_decodes_writes_its_detection_and_resumes(poisoned, tm
     def no_dmm(*args, **kwargs):
         raise AssertionError("the DMM was trained again")
 
-    monkeypatch.setattr(bg, "train_dmm", no_dmm)
+    monkeypatch.setattr(mepd_module, "train_dmm", no_dmm)  # where gen_mepd looks it up
     again = gen_bedkd_defend(str(poisoned["path"]), poisoned["data"], cfg, **kw)
     assert again.detection.info.get("reused") and np.array_equal(again.detection.scores, det.scores)
     assert again.logs["cycles"] == logs["cycles"]
