@@ -277,6 +277,9 @@ def test_toy_grid_with_w2s_runs_records_and_keys_its_cells(tiny_llama_dir, tmp_p
         assert set(r["loss_terms"]["first"]) == {"ce", "kd", "fa"}
         assert all(math.isfinite(v) for v in r["loss_terms"]["first"].values())
         assert r["rougeL"] is not None and r["asr"] is not None and r["trainable_params"] > 0
+        check = r["teacher_check"]  # the teacher against the suspect on clean dev rows (not a label task)
+        assert check["rows"] > 0 and math.isfinite(check["teacher_nll"]) and math.isfinite(check["suspect_nll"])
+        assert "weak" not in check
     assert defended["teacher"]["path"] == clean["teacher"]["path"]  # one teacher serves every cell
     assert [clean["teacher"]["trained"], defended["teacher"]["trained"]] == [True, False]
     assert clean["poison_hash"] is None and defended["poison_hash"] == recs[("none", True)]["poison_hash"]

@@ -65,6 +65,7 @@ from kdshield.defenses.w2s_projection import (  # noqa: F401 (vocabulary_mismatc
     tokenizer_digest,
     vocabulary_mismatch,
 )
+from kdshield.defenses.w2s_teacher_check import teacher_check, teacher_warning
 from kdshield.errors import ConfigError
 from kdshield.models.adapters import AdapterConfig
 from kdshield.models.classifier import _load_tokenizer
@@ -564,8 +565,16 @@ def gen_w2s_defend(suspect: str | Path, data: SFTData, cfg: GenW2SConfig, *, bas
                                                   max_length=train_cfg.max_length,
                                                   max_response_tokens=max_response_tokens, options=options)
         encoded.extras = extras
-        attach_generator_adapter(student, adapter)
         dev = data.splits.get("dev")
+        check = None
+        if dev is not None and len(dev):  # the suspect as it is, before its adapter (clean dev rows only)
+            with phase("teacher check"):
+                check = teacher_check(teacher.gen, student, dev, label_task=data.is_label_task,
+                                      max_length=train_cfg.max_length, max_response_tokens=max_response_tokens,
+                                      batch_size=eval_batch_size)
+            if (warning := teacher_warning(check)) is not None:
+                log.warning(warning)
+        attach_generator_adapter(student, adapter)
         eval_fn = dev_nll_eval_fn(dev, max_length=train_cfg.max_length, max_response_tokens=max_response_tokens,
                                   batch_size=eval_batch_size) if dev is not None and len(dev) else None
         seen: dict = {}
@@ -578,7 +587,7 @@ def gen_w2s_defend(suspect: str | Path, data: SFTData, cfg: GenW2SConfig, *, bas
     dev_nll = result.history[-1].get("nll") if result.history else None
     logs = {"teacher": teacher.describe(), "kd": kd, "teacher_s": round(t_teacher.s, 1),
             "student_s": round(t_student.s, 1), "wall_s": round(timer.s, 1), "dev_nll": dev_nll,
-            "loss_terms": seen or None, "cache_floats": cache_floats}
+            "loss_terms": seen or None, "cache_floats": cache_floats, "teacher_check": check}
     if teacher.kd_off:
         logs["kd_off"] = teacher.kd_off
     log.info("w2s: teacher %.0f s (trained: %s), student %.0f s, dev NLL %s, loss terms %s%s", t_teacher.s,

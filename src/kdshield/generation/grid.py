@@ -53,7 +53,8 @@ GEN_METHODS = ("none", "lora", *GEN_DEFENSE_NAMES)
 CONFIGURED_METHODS = GEN_DEFENSE_NAMES  # methods with their own options (``method_config``)
 METRICS = ("rouge1", "rouge2", "rougeL", "exact_match", "nll", "asr", "asr_prefix", "false_trigger", "n_asr",
            "left_out", "n_test", "decode_prompts_per_s", "prompt_filter", "guard")
-LOG_FIELDS = ("teacher", "teacher_s", "student_s", "dev_nll", "loss_terms")  # a defense's logs kept as fields
+LOG_FIELDS = ("teacher", "teacher_s", "student_s", "dev_nll", "loss_terms",
+              "teacher_check")  # a defense's logs kept as fields
 
 
 @dataclass
