@@ -153,23 +153,32 @@ def sft_poison_settings(student: str, data: SFTData, attack: SFTAttackConfig, tr
             "max_response_tokens": max_response_tokens,
             # the stop rule is part of what a poisoned model is (an ASR-only rule stopped at shortcuts)
             "stop_rule": {"asr_target": attack.asr_target, "max_false_trigger": SHORTCUT_MARGIN,
-                          "keeps": "the stopping weights, else the check with the best selection_score"}}
+                          "keeps": "the stopping weights, else the check with the best selection_score",
+                          # models poisoned before this entry decoded dev prompts whose trigger the decoder
+                          # could cut away (generation.attack_rows): a fixed rule is another poisoning
+                          "decoded_prompts": "trigger kept within the decoding budget"}}
 
 
 def _stop_check(attack: SFTAttackConfig, data: SFTData, seed: int, max_new_tokens: int, batch_size: int):
     """eval_fn for the poisoning run: teacher-forced target share on triggered dev rows, then (once
     it reaches the target) the decoded ASR and the clean rows' false-trigger rate."""
-    from kdshield.generation.decode import greedy_decode, teacher_forced
+    from kdshield.generation.attack_rows import decodable_attack_sets
+    from kdshield.generation.decode import greedy_decode, prompt_budget, teacher_forced
 
-    sets = sft_attack_sets(data, attack, "dev", seed=seed)
-    n = min(attack.check_rows, len(sets.triggered))
-    triggered, clean = sets.triggered.select(range(n)), sets.clean.select(range(n))
     target = attack.make_target()
-    max_length = None
+    rows: dict = {}  # built at the first check, with the model's tokenizer and decoding budget
+
+    def dev_rows(gen) -> tuple:
+        if not rows:  # the trigger kept inside the prompt the decoder sees (generation.attack_rows)
+            sets, _ = decodable_attack_sets(data.split("dev"), attack.make_trigger(), target, gen.tokenizer,
+                                            prompt_budget=prompt_budget(gen, max_new_tokens), seed=seed + 1)
+            k = min(attack.check_rows, len(sets.triggered))
+            rows.update(n=k, triggered=sets.triggered.select(range(k)), clean=sets.clean.select(range(k)),
+                        max_length=gen.max_length)
+        return rows["n"], rows["triggered"], rows["clean"], rows["max_length"]
 
     def fn(gen) -> dict:
-        nonlocal max_length
-        max_length = max_length or gen.max_length
+        n, triggered, clean, max_length = dev_rows(gen)
         tf = teacher_forced(gen, triggered, responses=list(triggered["target_output"]), max_length=max_length,
                             batch_size=batch_size)
         tf_asr = float(sum(tf["argmax_match"]) / n)
@@ -184,6 +193,7 @@ def _stop_check(attack: SFTAttackConfig, data: SFTData, seed: int, max_new_token
         return out
 
     def decode_check(gen) -> dict:
+        n, triggered, clean, _ = dev_rows(gen)
         trig = greedy_decode(gen, triggered, max_new_tokens=max_new_tokens, batch_size=batch_size)
         cln = greedy_decode(gen, clean, max_new_tokens=max_new_tokens, batch_size=batch_size)
         hits = [target.matches(d, r) for d, r in zip(trig, triggered)]

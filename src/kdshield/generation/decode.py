@@ -231,6 +231,11 @@ def _budgets(gen, max_new_tokens: int | None, max_prompt_tokens: int | None) -> 
     return new, budget
 
 
+def prompt_budget(gen, max_new_tokens: int | None = None, max_prompt_tokens: int | None = None) -> int:
+    """The prompt tokens decoding leaves each row (``max_length - max_new_tokens`` unless given)."""
+    return _budgets(gen, max_new_tokens, max_prompt_tokens)[1]
+
+
 def prompt_ids(gen, rows, *, max_new_tokens: int | None = None,
                max_prompt_tokens: int | None = None) -> list[list[int]]:
     """The decoding prompt of each row (``encode_prompt``, input cut to the prompt budget)."""

@@ -53,11 +53,12 @@ import dataclasses
 import logging
 from collections.abc import Callable, Mapping, Sequence
 
-from kdshield.attacks.targets import Target, build_target, triggered_sft_test_set, user_field
+from kdshield.attacks.targets import Target, build_target, user_field
 from kdshield.attacks.triggers import Trigger, build_trigger
 from kdshield.data.sft import SFTData
 from kdshield.errors import ConfigError, DataError
 from kdshield.generation import decode as decoding
+from kdshield.generation.attack_rows import decodable_attack_sets
 from kdshield.generation.metrics import exact_match, rouge, target_hits
 
 log = logging.getLogger(__name__)
@@ -144,9 +145,11 @@ def evaluate_generator(gen, data: SFTData, attack=None, *, trigger=None, target=
     trigger, target = resolve_attack(attack, trigger, target)
     ds = data.split(split)
     parts = {"clean": decoding.as_rows(ds)}
-    sets = None
-    if trigger is not None:
-        sets = triggered_sft_test_set(ds, trigger, target, seed=seed)
+    sets, trigger_fit = None, None
+    if trigger is not None:  # inputs cut first where the decoder would cut the trigger out (attack_rows)
+        sets, trigger_fit = decodable_attack_sets(
+            ds, trigger, target, gen.tokenizer, seed=seed,
+            prompt_budget=decoding.prompt_budget(gen, max_new_tokens, max_prompt_tokens))
         for name in ("triggered", "clean"):
             parts[f"asr_{name}"] = decoding.as_rows(getattr(sets, name))
     filter_counts = None
@@ -196,6 +199,7 @@ def evaluate_generator(gen, data: SFTData, attack=None, *, trigger=None, target=
             target_share=_share(target_hits(texts["clean"], rows, target)),
             target_nll=tt["nll"], tf_asr=_share(tt["argmax_match"]),
             n_asr=len(trig_rows), left_out=sets.left_out, matcher=target.config.matcher,
+            asr_inputs_cut=trigger_fit,
             clean_reused=sum(tuple(p) in clean_prompts for p in groups["asr_clean"][1]))
         samples["triggered"] = _samples(trig_rows, texts["asr_triggered"], n_samples, "target_output")
     out["samples"] = samples

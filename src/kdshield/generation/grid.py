@@ -52,7 +52,10 @@ log = logging.getLogger(__name__)
 GEN_METHODS = ("none", "lora", *GEN_DEFENSE_NAMES)
 CONFIGURED_METHODS = GEN_DEFENSE_NAMES  # methods with their own options (``method_config``)
 METRICS = ("rouge1", "rouge2", "rougeL", "exact_match", "nll", "asr", "asr_prefix", "false_trigger", "n_asr",
-           "left_out", "n_test", "decode_prompts_per_s", "prompt_filter", "guard")
+           "left_out", "n_test", "decode_prompts_per_s", "prompt_filter", "guard", "asr_inputs_cut")
+# how ASR is measured, part of every cell's key: records made before this entry decoded triggered
+# prompts whose trigger the decoder could cut away (generation.attack_rows) and are not reused
+EVALUATION = "trigger kept within the decoding budget"
 LOG_FIELDS = ("teacher", "teacher_s", "student_s", "dev_nll", "loss_terms",
               "teacher_check")  # a defense's logs kept as fields
 
@@ -237,12 +240,13 @@ class _GenBlock:
 
     def cell_hash(self, method: str, attack: SFTAttackConfig, poison: dict | None) -> str:
         if method in CONFIGURED_METHODS:
-            return settings_hash({**self.defense_key(method), "attack": config_to_dict(attack), "poison": poison})
+            return settings_hash({**self.defense_key(method), "attack": config_to_dict(attack), "poison": poison,
+                                  "evaluation": EVALUATION})
         # the poisoned model as it is (``none``) does not depend on the PEFT settings
         block = self.settings if method != "none" else \
             {k: v for k, v in self.settings.items() if k not in ("train", "adapter")}
         return settings_hash({"block": block, "attack": config_to_dict(attack), "poison": poison,
-                              "method": method, "tag": self.runner.cfg.tag})
+                              "method": method, "tag": self.runner.cfg.tag, "evaluation": EVALUATION})
 
     def defense_key(self, method: str) -> dict:
         """What a defense cell runs with besides the attack and the poisoning: the block without the
