@@ -13,7 +13,9 @@ rate while the teacher-forced check, which keeps the trigger, read 1.0).
 ``decodable_attack_sets`` first cuts the rows' inputs so that each clean prompt leaves room for the
 trigger inside the decoding budget, then inserts the trigger (same seeds, so the same rows and the
 same kind of positions); the clean twins are the same cut rows, so the false-trigger rate compares
-like with like. Rows that already fit are not touched.
+like with like. When every triggered prompt already fits, nothing is touched; otherwise every row
+whose clean prompt is longer than the budget minus the trigger's room is cut (also rows whose
+triggered prompt happened to fit, so that one rule holds for all of them).
 """
 
 from __future__ import annotations
