@@ -31,21 +31,25 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--poison-hash", required=True, help="the poisoned model's poison_hash in the records")
     p.add_argument("--records", default=None, help="records JSONL (default: the config's out)")
     p.add_argument("--split", default="dev", choices=["dev", "test"])
+    p.add_argument("--models", nargs="+", default=None,
+                   help="score only these names (method, method[tag], method[tag]-teacher; default: all)")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "generation-margins.jsonl"))
     return p.parse_args(argv)
 
 
 def model_paths(records: list[dict], poison_hash: str) -> dict[str, Path]:
-    """name -> generator directory, for the records of one poisoned model (first record per method)."""
+    """name -> generator directory, for the records of one poisoned model (first record per method
+    and tag; a tagged record's name is ``method[tag]``)."""
     out: dict[str, Path] = {}
     for r in records:
-        if r.get("poison_hash") != poison_hash or r["method"] in out:
+        name = f"{r['method']}[{r['tag']}]" if r.get("tag") else r["method"]
+        if r.get("poison_hash") != poison_hash or name in out:
             continue
         run = Path(r["run_dir"])
-        out[r["method"]] = run if r["method"] == "none" else run / "adapter"
+        out[name] = run if r["method"] == "none" else run / "adapter"
         teacher = (r.get("teacher") or {}).get("path") if isinstance(r.get("teacher"), dict) else None
-        if teacher and f"{r['method']}-teacher" not in out:
-            out[f"{r['method']}-teacher"] = Path(teacher) / "model"
+        if teacher and f"{name}-teacher" not in out:
+            out[f"{name}-teacher"] = Path(teacher) / "model"
     return out
 
 
@@ -92,6 +96,8 @@ def main(argv=None) -> None:
     kw = dict(max_length=cfg.max_length, max_response_tokens=cfg.max_response_tokens)
     with open(args.out, "a") as fh:
         for name, path in paths.items():
+            if args.models and name not in args.models:
+                continue
             t0 = time.perf_counter()
             gen = load_generator(path)
             mc = margins(gen, clean, target, others[0], **kw)

@@ -100,6 +100,7 @@ log = logging.getLogger(__name__)
 KD_MODES = ("auto", "on", "off")
 FEATURE_POSITIONS = ("last_prompt", "response_mean")
 TEACHER_CUTS = ("auto", "first")
+WEAK_TEACHER = ("warn", "deepen")
 
 
 @dataclass
@@ -150,6 +151,12 @@ class GenW2SConfig:
     teacher_epochs: int = cfg_field(3, help="Epochs of the teacher's full SFT.")
     teacher_lr: float = cfg_field(1e-4, help="Learning rate of the teacher's full SFT.")
     teacher_batch_size: int = cfg_field(8, help="Batch size of the teacher's SFT and of its cached outputs.")
+    weak_teacher: str = cfg_field("warn", help="When the dev check calls a cut teacher weak (label tasks: exactly "
+                                               "right far less often than the suspect, or barely more often than "
+                                               "always giving the most common answer): warn (train the student "
+                                               "with it anyway) or deepen (train the whole teacher, every layer, "
+                                               "check it again and use it). Reads clean dev rows only.",
+                                  choices=list(WEAK_TEACHER))
     projection_ridge: float = cfg_field(0.1, help="Ridge penalty of the projection from a teacher of another "
                                                   "tokenizer or width to the student's features (fitted to the "
                                                   "clean base's features, per standardised teacher dimension, "
@@ -158,7 +165,7 @@ class GenW2SConfig:
 
     # options added after results were keyed: they enter a key (grid cell, student run) only when set
     # away from their default, so adding one re-keys nothing already computed (``keyed_settings``)
-    KEYED_AWAY_FROM_DEFAULT: ClassVar[tuple[str, ...]] = ("projection_ridge",)
+    KEYED_AWAY_FROM_DEFAULT: ClassVar[tuple[str, ...]] = ("projection_ridge", "weak_teacher")
 
     def __post_init__(self):
         check_w2s_common(self)
@@ -173,6 +180,7 @@ class GenW2SConfig:
         check_range("w2s.teacher_lr", self.teacher_lr, 0, 1, lo_open=True)
         check_range("w2s.teacher_batch_size", self.teacher_batch_size, 1, 65536)
         check_range("w2s.projection_ridge", self.projection_ridge, 0, 1e6)
+        check_choice("w2s.weak_teacher", self.weak_teacher, WEAK_TEACHER)
 
 
 def keyed_settings(cfg: GenW2SConfig) -> dict:
@@ -542,6 +550,25 @@ class GenW2SResult:
     logs: dict
 
 
+def _checked_teacher(cfg: GenW2SConfig, data: SFTData, student: Generator, encoded: Encoded, dev, *, base: str,
+                     max_length: int, max_response_tokens: int | None, seed: int, precision: str,
+                     options: LoadOptions, cache_root: Path | None, eval_batch_size: int):
+    """The teacher, the student's batch extras from it, their cached floats, and the teacher check
+    against the suspect as it is (None without dev rows)."""
+    with phase("teacher"):
+        teacher = prepare_gen_teacher(cfg, data, student, base=base, max_length=max_length,
+                                      max_response_tokens=max_response_tokens, seed=seed, precision=precision,
+                                      options=options, cache_root=cache_root)
+        extras, cache_floats = teacher_extras(teacher, student, encoded, data, cfg, base=base, max_length=max_length,
+                                              max_response_tokens=max_response_tokens, options=options)
+    check = None
+    if dev is not None and len(dev):  # clean dev rows only, before the student's adapter exists
+        with phase("teacher check"):
+            check = teacher_check(teacher.gen, student, dev, label_task=data.is_label_task, max_length=max_length,
+                                  max_response_tokens=max_response_tokens, batch_size=eval_batch_size)
+    return teacher, extras, cache_floats, check
+
+
 def gen_w2s_defend(suspect: str | Path, data: SFTData, cfg: GenW2SConfig, *, base: str, peft_train: TrainConfig,
                    adapter: AdapterConfig, output_dir: str | Path, max_response_tokens: int | None = None,
                    eval_batch_size: int = 16, resume: bool = True, options: LoadOptions = LoadOptions(),
@@ -554,26 +581,28 @@ def gen_w2s_defend(suspect: str | Path, data: SFTData, cfg: GenW2SConfig, *, bas
     with Timer() as timer:
         torch.manual_seed(train_cfg.seed)  # adapter initialisation
         student = load_generator(suspect, options=options)
-        with Timer() as t_teacher, phase("teacher"):
-            teacher = prepare_gen_teacher(cfg, data, student, base=base, max_length=peft_train.max_length,
-                                          max_response_tokens=max_response_tokens, seed=peft_train.seed,
-                                          precision=peft_train.precision, options=options, cache_root=teacher_cache)
-            kd = teacher.kd
+        with Timer() as t_teacher:
             encoded = encode_sft(student.tokenizer, data.split("train"), max_length=train_cfg.max_length,
                                  max_response_tokens=max_response_tokens)
-            extras, cache_floats = teacher_extras(teacher, student, encoded, data, cfg, base=base,
-                                                  max_length=train_cfg.max_length,
-                                                  max_response_tokens=max_response_tokens, options=options)
+            dev = data.splits.get("dev")
+            teacher_kw = dict(base=base, max_length=peft_train.max_length, max_response_tokens=max_response_tokens,
+                              seed=peft_train.seed, precision=peft_train.precision, options=options,
+                              cache_root=teacher_cache, eval_batch_size=eval_batch_size)
+            teacher, extras, cache_floats, check = _checked_teacher(cfg, data, student, encoded, dev, **teacher_kw)
+            first = None
+            if check is not None and check.get("weak") and cfg.weak_teacher == "deepen" \
+                    and cfg.teacher_layers is not None:
+                # a weak cut teacher flattens the student's answers (w2s_teacher_check): train the whole one
+                log.warning("w2s: the %s-layer teacher is weak on the clean dev rows; training the whole teacher "
+                            "(weak_teacher: deepen)", cfg.teacher_layers)
+                first = {"teacher": teacher.describe(), "teacher_check": check}
+                del teacher, extras
+                teacher, extras, cache_floats, check = _checked_teacher(
+                    dataclasses.replace(cfg, teacher_layers=None), data, student, encoded, dev, **teacher_kw)
+            kd = teacher.kd
         encoded.extras = extras
-        dev = data.splits.get("dev")
-        check = None
-        if dev is not None and len(dev):  # the suspect as it is, before its adapter (clean dev rows only)
-            with phase("teacher check"):
-                check = teacher_check(teacher.gen, student, dev, label_task=data.is_label_task,
-                                      max_length=train_cfg.max_length, max_response_tokens=max_response_tokens,
-                                      batch_size=eval_batch_size)
-            if (warning := teacher_warning(check)) is not None:
-                log.warning(warning)
+        if (warning := teacher_warning(check or {})) is not None:
+            log.warning(warning)
         attach_generator_adapter(student, adapter)
         eval_fn = dev_nll_eval_fn(dev, max_length=train_cfg.max_length, max_response_tokens=max_response_tokens,
                                   batch_size=eval_batch_size) if dev is not None and len(dev) else None
@@ -588,6 +617,8 @@ def gen_w2s_defend(suspect: str | Path, data: SFTData, cfg: GenW2SConfig, *, bas
     logs = {"teacher": teacher.describe(), "kd": kd, "teacher_s": round(t_teacher.s, 1),
             "student_s": round(t_student.s, 1), "wall_s": round(timer.s, 1), "dev_nll": dev_nll,
             "loss_terms": seen or None, "cache_floats": cache_floats, "teacher_check": check}
+    if first is not None:  # the weak teacher the defense replaced, and why
+        logs["weak_teacher_replaced"] = first
     if teacher.kd_off:
         logs["kd_off"] = teacher.kd_off
     log.info("w2s: teacher %.0f s (trained: %s), student %.0f s, dev NLL %s, loss terms %s%s", t_teacher.s,

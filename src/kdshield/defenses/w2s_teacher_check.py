@@ -11,7 +11,8 @@ dev rows its mean answer margin nll(positive) - nll(negative) was -0.41 nats (th
 and the trigger's shift of that margin fell from +4.7 to +1.2 nats, a quarter, yet still flipped
 every triggered answer (test ASR 1.0). A user cannot measure ASR; this check reads clean dev data
 only and says before the student's hour of training that the teacher answers much worse than the
-model it is meant to guide. It warns and records; it changes nothing in the defense.
+model it is meant to guide. It warns and records; with ``weak_teacher: deepen`` the defense then trains the whole teacher
+instead (``w2s_generation.gen_w2s_defend``).
 """
 
 from __future__ import annotations
@@ -74,5 +75,6 @@ def teacher_warning(check: dict) -> str | None:
             f"always giving the most common answer (dev NLL {check['teacher_nll']:.3f} vs "
             f"{check['suspect_nll']:.3f}): distilling from it flattens the student's answers, and a backdoor "
             "that only moves the answer a little then still decides it. Give a stronger clean teacher "
-            "(w2s.teacher_layers: null keeps every layer; w2s.teacher_epochs / teacher_lr train it longer) "
+            "(w2s.weak_teacher: deepen trains the whole teacher when this check fails; w2s.teacher_layers: null "
+            "keeps every layer; w2s.teacher_epochs / teacher_lr train it longer) "
             "and compare this check again before trusting the defense")
