@@ -75,7 +75,12 @@ def main(argv=None) -> None:
     attack = parse_attack(poison["attack_config"])
 
     runner = GenGridRunner(cfg)
-    block = _GenBlock(runner, none["student"], none["dataset"], none["seed"])
+    # the record names the dataset as loaded (a file's stem); the config says where it is
+    dataset = next((d for d in cfg.datasets if d == none["dataset"] or Path(d).stem == none["dataset"]), None)
+    if dataset is None:
+        sys.exit(f"the config's datasets ({', '.join(cfg.datasets)}) do not hold {none['dataset']!r}, the data "
+                 "this model was poisoned on")
+    block = _GenBlock(runner, none["student"], dataset, none["seed"])
     # the model was poisoned on these proxy rows and checked on these dev rows: same data or stop
     proxy = poisoned_sft_proxy(block.data, attack, seed=block.seed)
     if rows_digest(proxy, ROW_COLUMNS) != poison["proxy"] or rows_digest(block.data.split("dev"),
