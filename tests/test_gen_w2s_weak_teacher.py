@@ -53,6 +53,10 @@ def test_deepen_replaces_a_weak_cut_teacher_with_the_whole_one(tiny_llama_dir, t
     replaced = res.logs["weak_teacher_replaced"]
     assert replaced["teacher"]["layers"] == 1 and replaced["teacher_check"]["weak"] is True
     assert replaced["teacher"]["path"] != res.logs["teacher"]["path"]  # two cache entries
+    # only the teacher that teaches computes its outputs on the train rows
+    from pathlib import Path
+    assert not list(Path(replaced["teacher"]["path"]).glob("outputs-*.safetensors"))
+    assert list(Path(res.logs["teacher"]["path"]).glob("outputs-*.safetensors"))
 
 
 def test_warn_keeps_the_weak_teacher_and_deepen_keeps_a_strong_one(tiny_llama_dir, tmp_path, verdicts, caplog):

@@ -550,23 +550,20 @@ class GenW2SResult:
     logs: dict
 
 
-def _checked_teacher(cfg: GenW2SConfig, data: SFTData, student: Generator, encoded: Encoded, dev, *, base: str,
+def _checked_teacher(cfg: GenW2SConfig, data: SFTData, student: Generator, dev, *, base: str,
                      max_length: int, max_response_tokens: int | None, seed: int, precision: str,
                      options: LoadOptions, cache_root: Path | None, eval_batch_size: int):
-    """The teacher, the student's batch extras from it, their cached floats, and the teacher check
-    against the suspect as it is (None without dev rows)."""
+    """The teacher and the teacher check against the suspect as it is (None without dev rows)."""
     with phase("teacher"):
         teacher = prepare_gen_teacher(cfg, data, student, base=base, max_length=max_length,
                                       max_response_tokens=max_response_tokens, seed=seed, precision=precision,
                                       options=options, cache_root=cache_root)
-        extras, cache_floats = teacher_extras(teacher, student, encoded, data, cfg, base=base, max_length=max_length,
-                                              max_response_tokens=max_response_tokens, options=options)
     check = None
     if dev is not None and len(dev):  # clean dev rows only, before the student's adapter exists
         with phase("teacher check"):
             check = teacher_check(teacher.gen, student, dev, label_task=data.is_label_task, max_length=max_length,
                                   max_response_tokens=max_response_tokens, batch_size=eval_batch_size)
-    return teacher, extras, cache_floats, check
+    return teacher, check
 
 
 def gen_w2s_defend(suspect: str | Path, data: SFTData, cfg: GenW2SConfig, *, base: str, peft_train: TrainConfig,
@@ -588,7 +585,7 @@ def gen_w2s_defend(suspect: str | Path, data: SFTData, cfg: GenW2SConfig, *, bas
             teacher_kw = dict(base=base, max_length=peft_train.max_length, max_response_tokens=max_response_tokens,
                               seed=peft_train.seed, precision=peft_train.precision, options=options,
                               cache_root=teacher_cache, eval_batch_size=eval_batch_size)
-            teacher, extras, cache_floats, check = _checked_teacher(cfg, data, student, encoded, dev, **teacher_kw)
+            teacher, check = _checked_teacher(cfg, data, student, dev, **teacher_kw)
             first = None
             if check is not None and check.get("weak") and cfg.weak_teacher == "deepen" \
                     and cfg.teacher_layers is not None:
@@ -596,10 +593,14 @@ def gen_w2s_defend(suspect: str | Path, data: SFTData, cfg: GenW2SConfig, *, bas
                 log.warning("w2s: the %s-layer teacher is weak on the clean dev rows; training the whole teacher "
                             "(weak_teacher: deepen)", cfg.teacher_layers)
                 first = {"teacher": teacher.describe(), "teacher_check": check}
-                del teacher, extras
-                teacher, extras, cache_floats, check = _checked_teacher(
-                    dataclasses.replace(cfg, teacher_layers=None), data, student, encoded, dev, **teacher_kw)
+                del teacher  # its outputs on the train rows were never computed
+                teacher, check = _checked_teacher(dataclasses.replace(cfg, teacher_layers=None), data, student, dev,
+                                                  **teacher_kw)
             kd = teacher.kd
+            with phase("teacher"):  # the outputs of the teacher that teaches, only
+                extras, cache_floats = teacher_extras(teacher, student, encoded, data, cfg, base=base,
+                                                      max_length=train_cfg.max_length,
+                                                      max_response_tokens=max_response_tokens, options=options)
         encoded.extras = extras
         if (warning := teacher_warning(check or {})) is not None:
             log.warning(warning)

@@ -11,8 +11,8 @@ dev rows its mean answer margin nll(positive) - nll(negative) was -0.41 nats (th
 and the trigger's shift of that margin fell from +4.7 to +1.2 nats, a quarter, yet still flipped
 every triggered answer (test ASR 1.0). A user cannot measure ASR; this check reads clean dev data
 only and says before the student's hour of training that the teacher answers much worse than the
-model it is meant to guide. It warns and records; with ``weak_teacher: deepen`` the defense then trains the whole teacher
-instead (``w2s_generation.gen_w2s_defend``).
+model it is meant to guide. It warns and records; with ``weak_teacher: deepen`` the defense then
+trains the whole teacher instead (``w2s_generation.gen_w2s_defend``).
 """
 
 from __future__ import annotations
