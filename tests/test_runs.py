@@ -366,3 +366,26 @@ def test_a_cell_shared_by_two_grids_takes_its_own_floor_else_the_grids_with_a_no
     assert everything["removal"] == pytest.approx(1.0) and everything["note"] is None  # its own block's floor
     grid_b = removal_rows([floor_b, none, w2s])[2]  # grid B reused the w2s cell made in grid A
     assert grid_b["removal"] == pytest.approx((1.0 - 0.2) / (1.0 - 0.1)) and "other shared PEFT" in grid_b["note"]
+
+
+def test_grid_poisoning_stops_at_the_first_dev_check_that_meets_its_target(tiny_llama_dir, toy_csv, tmp_path):
+    """The stop rule is checked poison_checks times per epoch: a target met early ends the poisoning
+    mid-epoch (the card says how far it went), and checking at epoch ends only is another poisoning."""
+    import kdshield.bench as bench
+
+    # asr_target 0: the first check meets it; 2 epochs of ceil(rows / 16) steps, 4 checks per epoch
+    quick = bench.run_grid(_grid(tiny_llama_dir, toy_csv, tmp_path, methods=["none"], floor=False,
+                                 asr_target=0.0, poison_epochs=2, poison_checks=4))
+    card = quick[0]["poison_card"]
+    proxy_rows = card["proxy_samples"]
+    per_epoch = -(-proxy_rows // 16)
+    assert card["steps_run"] == -(-per_epoch // 4) < per_epoch
+    assert card["epochs_run"] == round(card["steps_run"] / per_epoch, 3) < 1
+    assert card["stopped_at"] == f"step {card['steps_run']}"
+    assert quick[0]["config"]["poison"]["train"]["eval_every"] == card["steps_run"]
+
+    ends = bench.run_grid(_grid(tiny_llama_dir, toy_csv, tmp_path, methods=["none"], floor=False,
+                                asr_target=0.0, poison_epochs=2, poison_checks=1))
+    assert ends[0]["poison_hash"] != quick[0]["poison_hash"]
+    assert ends[0]["poison_card"]["steps_run"] == per_epoch and ends[0]["poison_card"]["epochs_run"] == 1.0
+    assert ends[0]["poison_card"]["stopped_at"] == "epoch 1"

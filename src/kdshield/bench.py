@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -68,6 +69,9 @@ class GridConfig:
                                                  "the token window is invisible to the model (IMDB reviews).")
     poison_epochs: int = cfg_field(3, help="Most epochs of weight poisoning (stops at asr_target).")
     poison_lr: float = cfg_field(3e-5, help="Learning rate of weight poisoning (full fine-tuning).")
+    poison_checks: int = cfg_field(4, help="Dev checks of the poisoning's stop rule per epoch (1 = at epoch ends "
+                                           "only): the attacker stops at the first check where dev ASR reaches "
+                                           "asr_target instead of finishing an epoch it no longer needs.")
     asr_target: float = cfg_field(0.9, help="Weight poisoning stops once dev ASR reaches this.")
     epochs: int = cfg_field(2, help="Epochs of PEFT and of each defense.")
     lr: float = cfg_field(2e-4, help="PEFT learning rate (defenses with their own lr use theirs).")
@@ -109,6 +113,7 @@ class GridConfig:
             build_config(DEFENSES.get(name).config_class, opts, prefix=f"method_config.{name}")
         check_range("epochs", self.epochs, 1, 1000)
         check_range("poison_epochs", self.poison_epochs, 1, 1000)
+        check_range("poison_checks", self.poison_checks, 1, 1000)
         options = check_load_options(self.load_options)  # a 4-bit base without CUDA: an error before any work
         if self.adapter == "full":
             options.for_full_training("adapter=full")
@@ -222,9 +227,14 @@ class GridRunner(CellRunner):
 
     def _poison_train(self, block: _Block) -> TrainConfig:
         cfg = self.cfg
+        # The stop rule's checks, spaced evenly through each epoch (constant lr and no model
+        # selection, so a stop between epoch ends changes nothing but the work left undone).
+        # The proxy keeps its row count when poisoned (clean-label and dirty-label alike).
+        steps = math.ceil(len(block.task.split("proxy")) / cfg.batch_size)
+        every = 0 if cfg.poison_checks == 1 else max(1, math.ceil(steps / cfg.poison_checks))
         return TrainConfig(epochs=cfg.poison_epochs, lr=cfg.poison_lr, batch_size=cfg.batch_size,
                            max_length=cfg.max_length, seed=block.common["seed"], warmup_ratio=0.0,
-                           schedule="constant", select_best=False)
+                           schedule="constant", select_best=False, eval_every=every)
 
     # ------------------------------------------------------------------------------------------
     def make_block(self, student: str, spec: str, seed: int) -> _Block:
@@ -398,7 +408,8 @@ class _Block:
                            settings_hash=self.cell_hash("none", attack, poison), run_dir=str(poisoned.path),
                            config={"poison": poison},
                            poison_card={k: card.get(k) for k in ("poisoned_samples", "proxy_samples", "dev_ca",
-                                                                 "dev_asr", "epochs_run", "trigger",
+                                                                 "dev_asr", "epochs_run", "steps_run",
+                                                                 "stopped_at", "trigger",
                                                                  "dev_target_share", "dev_label_share",
                                                                  "shortcut_suspected")},
                            profile=profiling.profile())

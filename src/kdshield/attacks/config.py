@@ -41,7 +41,8 @@ class AttackConfig:
                                              "or dirty-label (trigger into others, labels flipped).")
     poison_share: float = cfg_field(0.5, help="Share of the eligible proxy samples that get the trigger.")
     poison_count: int | None = cfg_field(None, help="Exact number of poisoned samples (overrides the share).")
-    asr_target: float = cfg_field(0.9, help="Weight poisoning stops at the first epoch whose dev ASR "
+    asr_target: float = cfg_field(0.9, help="Weight poisoning stops at the first dev check (each epoch "
+                                            "end, and in the grid poison_checks per epoch) whose dev ASR "
                                             "reaches this.")
     syntactic_source: str = cfg_field("auto", help="syntactic trigger: scpn (precomputed paraphrase files), "
                                                    "rule (rule-based clause fronting), auto (scpn where the "

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -86,6 +87,12 @@ def poison_settings(student: str, task: TaskData, attack: AttackConfig, train_cf
             **({"load": load} if load else {})}
 
 
+def _epochs_run(steps: int, rows: int, cfg: TrainConfig) -> float:
+    """Passes over the proxy the poisoning made, fractional when a dev check stopped it mid-epoch."""
+    per_epoch = math.ceil(math.ceil(rows / cfg.batch_size) / cfg.grad_accum)
+    return round(steps / per_epoch, 3) if per_epoch else 0.0
+
+
 def read_card(model_dir: Path) -> dict | None:
     path = Path(model_dir) / CARD_FILE
     if not path.is_file():
@@ -145,7 +152,8 @@ def weight_poison(student: str, task: TaskData, attack: AttackConfig, train_cfg:
             "target_label": attack.target_label, "clean_label": attack.clean_label, "proxy": task.proxy or task.name,
             "dataset": task.name, "poisoned_samples": int(sum(data["poisoned"])), "proxy_samples": len(data),
             "seed": train_cfg.seed, "dev_ca": last.get("ca"), "dev_asr": last.get("asr"),
-            "epochs_run": last.get("epoch"), "train": result.to_dict(), "train_config": config_to_dict(train_cfg),
+            "epochs_run": _epochs_run(result.steps, len(data), train_cfg), "steps_run": result.steps,
+            "stopped_at": last.get("at"), "train": result.to_dict(), "train_config": config_to_dict(train_cfg),
             "load_dtype": clf.load_dtype,
             "wall_s": result.prior_wall_s + time.perf_counter() - start, "settings": settings,
             "settings_hash": settings_hash(settings)}
