@@ -69,9 +69,11 @@ class GridConfig:
                                                  "the token window is invisible to the model (IMDB reviews).")
     poison_epochs: int = cfg_field(3, help="Most epochs of weight poisoning (stops at asr_target).")
     poison_lr: float = cfg_field(3e-5, help="Learning rate of weight poisoning (full fine-tuning).")
-    poison_checks: int = cfg_field(4, help="Dev checks of the poisoning's stop rule per epoch (1 = at epoch ends "
-                                           "only): the attacker stops at the first check where dev ASR reaches "
-                                           "asr_target instead of finishing an epoch it no longer needs.")
+    poison_checks: int = cfg_field(1, help="Dev checks of the poisoning's stop rule per epoch (1 = at epoch ends "
+                                           "only): with more, the attacker stops at the first check where dev ASR "
+                                           "reaches asr_target, mid-epoch. Faster, but a weaker attack: on the "
+                                           "quickstart's cell 4 checks stopped at a quarter epoch with dev CA 68 "
+                                           "and plain LoRA then cut ASR from 99.8 to 90.7 (benchmarks/RESULTS.md).")
     asr_target: float = cfg_field(0.9, help="Weight poisoning stops once dev ASR reaches this.")
     epochs: int = cfg_field(2, help="Epochs of PEFT and of each defense.")
     lr: float = cfg_field(2e-4, help="PEFT learning rate (defenses with their own lr use theirs).")
