@@ -33,12 +33,16 @@ def table(records: list[dict], depth: int) -> str:
     for f in folded:
         for k, v in f.items():
             phases[k] += v
-    order = sorted(phases, key=lambda k: -phases[k])
+    # phases under a second in all cells together say nothing at this resolution
+    order = [k for k in sorted(phases, key=lambda k: -phases[k]) if phases[k] >= 1.0]
     head = ["phase", *(cell_name(r) for r in cells), "all cells"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for k in order:
         lines.append("| " + " | ".join([k, *(f"{f.get(k, 0.0):.0f}" for f in folded), f"{phases[k]:.0f}"]) + " |")
     totals = [sum(f.values()) for f in folded]
+    rest = [sum(v for k, v in f.items() if k not in order) for f in folded]
+    if any(rest):
+        lines.append("| " + " | ".join(["(phases under 1 s)", *(f"{r:.1f}" for r in rest), f"{sum(rest):.1f}"]) + " |")
     lines.append("| " + " | ".join(["**total (s)**", *(f"**{t:.0f}**" for t in totals),
                                     f"**{sum(totals):.0f}**"]) + " |")
     return "\n".join(lines)
