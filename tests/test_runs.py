@@ -389,3 +389,33 @@ def test_grid_poisoning_stops_at_the_first_dev_check_that_meets_its_target(tiny_
     assert ends[0]["poison_hash"] != quick[0]["poison_hash"]
     assert ends[0]["poison_card"]["steps_run"] == per_epoch and ends[0]["poison_card"]["epochs_run"] == 1.0
     assert ends[0]["poison_card"]["stopped_at"] == "epoch 1"
+
+
+def test_time_left_weighs_the_cells_still_to_run_by_their_planned_cost(tmp_path):
+    """The estimate is this run's seconds per unit of planned cost times the cost still to run: a
+    cell planned at three times another's is estimated at three times its time, not at the mean."""
+    from kdshield.bench import CellRunner
+
+    seen = []
+    runner = CellRunner(tmp_path / "r.jsonl", tmp_path / "w", lambda rec, progress: seen.append(progress), 3)
+    runner.cell_costs = {"a": 1.0, "b": 1.0, "c": 3.0}
+    runner.cells_to_run = 3
+    runner.emit({"settings_hash": "a", "method": "lora"}, 10.0)
+    assert seen[-1]["eta_s"] == pytest.approx(40.0)  # b and c: 4 units at 10 s per unit
+    runner.emit({"settings_hash": "b", "method": "lora"}, 30.0)
+    assert seen[-1]["eta_s"] == pytest.approx(60.0)  # c: 3 units at 20 s per unit
+    runner.emit({"settings_hash": "c", "method": "w2s"}, 50.0)
+    assert seen[-1]["eta_s"] == 0.0
+
+
+def test_grid_plans_a_w2s_cell_above_a_lora_cell(tiny_llama_dir, tiny_bert_dir, toy_csv, tmp_path):
+    import kdshield.bench as bench
+
+    cfg = _grid(tiny_llama_dir, toy_csv, tmp_path, methods=["none", "lora", "w2s"], epochs=2,
+                method_config={"w2s": {"teacher": str(tiny_bert_dir), "teacher_epochs": 2, "epochs": 4}})
+    runner = bench.GridRunner(cfg)
+    block = runner.make_block(str(tiny_llama_dir), str(toy_csv), 0)
+    attack = runner._attack("badnet")
+    lora, w2s, none = (block.cell_cost(m, attack) for m in ("lora", "w2s", "none"))
+    assert w2s > 2 * lora > 0 and none > 0
+    assert len(runner._plan(block)) == 4  # the floor, then none / lora / w2s on the poisoned model

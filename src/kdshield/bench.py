@@ -161,6 +161,8 @@ class CellRunner:
         self.cell_hashes: list[str] = []  # every cell of this grid, recorded earlier or now, in grid order
         self.run_s = 0.0  # time of the cells that ran (skipped ones cost nothing)
         self.cells_to_run = 0  # cells of this grid without a record, when counted before the first runs
+        self.cell_costs: dict[str, float] = {}  # planned relative cost of each cell to run (``cell_cost``)
+        self.cost_run = 0.0  # the planned cost of the cells that ran
 
     def grid_records(self) -> list[dict]:
         """The records of this grid's cells (the latest per cell), in grid order: what its table shows,
@@ -175,13 +177,17 @@ class CellRunner:
         self.cells_run += 1
         self.cells_seen += 1
         self.run_s += cell_s
+        self.cost_run += self.cell_costs.get(rec["settings_hash"], 0.0)
         left = max(0, self.cells_to_run - self.cells_run) if self.cells_to_run else \
             max(0, self.cells_total - self.cells_seen)
+        if self.cell_costs and self.cost_run > 0:
+            # the cells still to run at this run's seconds per unit of planned cost: a W2SDefense
+            # cell (4 epochs and a teacher) is then estimated at about twice a LoRA cell
+            eta = self.run_s / self.cost_run * sum(c for h, c in self.cell_costs.items() if h not in self.done)
+        else:  # no plan: the mean time of the cells run so far
+            eta = self.run_s / self.cells_run * left
         progress = {"cell": self.cells_seen, "total": self.cells_total, "cell_s": cell_s,
-                    "elapsed_s": time.perf_counter() - self.started,
-                    # the cells still to run, at the mean time of those run so far (a rough guide:
-                    # a W2SDefense cell takes about twice a LoRA cell)
-                    "eta_s": self.run_s / self.cells_run * left}
+                    "elapsed_s": time.perf_counter() - self.started, "eta_s": eta}
         log.info("cell %d/%d (%.0f s): %s", progress["cell"], progress["total"], cell_s,
                  json.dumps({k: rec.get(k) for k in ("dataset", "attack", "method", "poisoned_model", "ca", "asr")}))
         if self.on_cell is not None:
@@ -204,20 +210,23 @@ class GridRunner(CellRunner):
     def run(self) -> list[dict]:
         blocks = [self.make_block(student, spec, seed) for student in self.cfg.students
                   for spec in self.cfg.datasets for seed in self.cfg.seeds]
-        self.cells_to_run = sum(h not in self.done for block in blocks for h in self._plan(block))
+        plan = [cell for block in blocks for cell in self._plan(block)]
+        self.cell_costs = {h: cost for h, cost in plan if h not in self.done}
+        self.cells_to_run = len(self.cell_costs)
         for block in blocks:
             self._run_block(block)
         return self.records
 
-    def _plan(self, block: _Block) -> list[str]:
-        """The hashes of every cell of ``block`` (the progress estimate counts the unrecorded ones)."""
-        hashes = []
+    def _plan(self, block: _Block) -> list[tuple[str, float]]:
+        """(hash, planned cost) of every cell of ``block`` (the progress estimate counts the unrecorded ones)."""
+        cells = []
+        poison_train = self._poison_train(block)
         for att in self.cfg.attacks:
             attack = self._attack(att)
-            hashes += [block.cell_hash(m, attack, None) for m in self._clean_methods()]
-            _, poison = block.poisoning(attack, self._poison_train(block))
-            hashes += [block.cell_hash(m, attack, poison) for m in self.cfg.methods]
-        return hashes
+            cells += [(block.cell_hash(m, attack, None), block.cell_cost(m, attack)) for m in self._clean_methods()]
+            _, poison = block.poisoning(attack, poison_train)
+            cells += [(block.cell_hash(m, attack, poison), block.cell_cost(m, attack)) for m in self.cfg.methods]
+        return cells
 
     def _attack(self, name: str) -> AttackConfig:
         return AttackConfig(attack=name, clean_label=self.cfg.clean_label, asr_target=self.cfg.asr_target)
@@ -323,18 +332,39 @@ class _Block:
                                                        data_dir=cfg.data_dir, data=data, options=POISON_LOAD)
         return self._proxies[key]
 
+    def _planned(self, method: str, attack: AttackConfig) -> tuple[dict | None, dict | None]:
+        """A method's options and the settings it will train with (``Defense.planned_settings``)."""
+        if method == "none":
+            return None, None
+        cfg = self.runner.cfg
+        defense = DEFENSES.get(method)
+        config = build_config(defense.config_class, cfg.method_config.get(method), prefix=f"method_config.{method}")
+        planned = defense().planned_settings(DefenseContext(
+            student=self.common["student"], task=self.task, output_dir=self.work, train=self.peft_train,
+            adapter=self.adapter, data_dir=cfg.data_dir, attack=attack), config)
+        return config_to_dict(config), planned
+
+    def cell_cost(self, method: str, attack: AttackConfig) -> float:
+        """A cell's rough relative cost, for the time-left estimate only, in example passes: its
+        training epochs x rows (``none``: one epoch of the poisoning's full fine-tuning, counted twice
+        for the weight gradients and AdamW over every weight; the stop rule usually ends it there), a
+        teacher's epochs at a quarter (teachers are the small models), and a third of a pass per
+        evaluated row (forward only: the test rows, about half as many triggered ones, dev per epoch)."""
+        n_train, n_test = len(self.task.split("train")), len(self.task.split("test"))
+        n_dev = len(self.task.split("dev")) if "dev" in self.task.splits else 0
+        if method == "none":
+            return 2.0 * len(self.task.split("proxy")) + (1.5 * n_test + 1.5 * n_dev) / 3
+        _, planned = self._planned(method, attack)
+        planned = planned or {}
+        epochs = (planned.get("train") or {}).get("epochs", self.peft_train.epochs)
+        teacher = (planned.get("teacher_train") or {}).get("epochs", 0)
+        return (epochs + 0.25 * teacher) * n_train + (1.5 * n_test + 1.5 * n_dev * epochs) / 3
+
     def cell_hash(self, method: str, attack: AttackConfig, poison: dict | None) -> str:
         """Hash of everything a cell runs with; ``poison`` None = the never-poisoned student. The shared
         PEFT settings enter as the defense will use them (``Defense.planned_settings``)."""
         cfg = self.runner.cfg
-        mcfg = planned = None
-        if method != "none":
-            defense = DEFENSES.get(method)
-            config = build_config(defense.config_class, cfg.method_config.get(method), prefix=f"method_config.{method}")
-            mcfg = config_to_dict(config)
-            planned = defense().planned_settings(DefenseContext(
-                student=self.common["student"], task=self.task, output_dir=self.work, train=self.peft_train,
-                adapter=self.adapter, data_dir=cfg.data_dir, attack=attack), config)
+        mcfg, planned = self._planned(method, attack)
         if planned:  # recomputing activations changes memory, not results (keys made before it stay valid)
             planned = {k: {n: v for n, v in d.items() if n != "activation_checkpointing"} if isinstance(d, dict)
                        else d for k, d in planned.items()}
