@@ -419,3 +419,20 @@ def test_grid_plans_a_w2s_cell_above_a_lora_cell(tiny_llama_dir, tiny_bert_dir, 
     lora, w2s, none = (block.cell_cost(m, attack) for m in ("lora", "w2s", "none"))
     assert w2s > 2 * lora > 0 and none > 0
     assert len(runner._plan(block)) == 4  # the floor, then none / lora / w2s on the poisoned model
+
+
+def test_grid_trains_the_floor_once_for_every_attack(tiny_llama_dir, toy_csv, tmp_path, caplog):
+    """The floor's training reads no attack, so a grid of two attacks trains it once and evaluates
+    it under each; the poisoned models' LoRA victims stay one per poisoning."""
+    import kdshield.bench as bench
+
+    with caplog.at_level(logging.INFO, logger="kdshield.training.loop"):
+        recs = bench.run_grid(_grid(tiny_llama_dir, toy_csv, tmp_path, attacks=["badnet", "insent"]))
+    floors = [r for r in recs if r["method"] == "lora" and not r["poisoned_model"]]
+    assert [r["attack"] for r in floors] == ["badnet", "insent"]
+    assert len([d for d in (tmp_path / "w").rglob("lora-train-*") if d.parent.name == "floor-lora"]) == 1
+    assert "finished run reused" in caplog.text  # the second attack's floor: no training steps
+    assert [h["ca"] for h in floors[0]["logs"]["train"]["history"]] == \
+        [h["ca"] for h in floors[1]["logs"]["train"]["history"]]
+    assert len({r["settings_hash"] for r in floors}) == 2  # two cells, two records
+    assert floors[0]["train_dir"] == floors[1]["train_dir"] != floors[0]["run_dir"]

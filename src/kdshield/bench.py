@@ -394,6 +394,11 @@ class _Block:
         victim_dir = None
         if pdir is not None:  # plain PEFT of this poisoned model, shared by every baseline that starts from it
             victim_dir = pdir / f"lora-{self.cell_hash('lora', attack, poison)[:8]}" / "train"
+        elif method == "lora":
+            # The floor's training reads no attack (its epoch is selected by dev CA alone), so one
+            # training per block serves every attack's floor; only the evaluation is the attack's.
+            _, planned = self._planned("lora", attack)
+            victim_dir = root / f"lora-train-{settings_hash({'block': self.settings, 'planned': planned})[:8]}"
         ctx = DefenseContext(student=model_ref, task=self.task, output_dir=run_dir, train=self.peft_train,
                              adapter=self.adapter, data_dir=cfg.data_dir, resume=True, attack=attack,
                              monitor=cfg.monitor, victim_dir=victim_dir, options=cfg.load_options,
@@ -420,6 +425,8 @@ class _Block:
                            eval_s=round(time.perf_counter() - t0 - res.wall_s, 1),
                            peak_rss_mb=round(peak_rss_mb()), trainable_params=res.trainable_params,
                            unavailable=res.unavailable, settings_hash=key, run_dir=str(run_dir),
+                           # plain PEFT trains in the shared folder (a finished training there is reused)
+                           **({"train_dir": str(victim_dir)} if method == "lora" and victim_dir else {}),
                            config={"method": config_to_dict(mcfg), **res.settings(ctx),
                                    "attack": config_to_dict(attack), "poison": poison},
                            logs=_small(res.logs), profile=profiling.profile())
