@@ -39,7 +39,7 @@ from kdshield.results import References, append_record, read_records
 from kdshield.training.loop import load_trained_weights
 
 DEFAULT_L2 = W2SConfig().head_refit_l2
-GRID = [1e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1]
+GRID = [1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0, 3.0]
 
 
 def dev_scores(head, feats: np.ndarray, labels: np.ndarray) -> tuple[float, float]:
@@ -106,8 +106,10 @@ def main(argv: list[str] | None = None) -> int:
     # the choice: lowest dev NLL summed over the students (dev data only)
     total = {l2: sum(next(s for s in st["sweep"] if s["l2"] == l2)["dev_nll"] for st in students) for l2 in args.l2}
     choice = min(total, key=total.get)
+    at_edge = len(args.l2) > 1 and choice in (min(args.l2), max(args.l2))
     print(f"dev NLL summed over {len(students)} students: "
-          + ", ".join(f"{l2:g}: {v:.4f}" for l2, v in total.items()) + f"; choice {choice:g}", flush=True)
+          + ", ".join(f"{l2:g}: {v:.4f}" for l2, v in total.items()) + f"; choice {choice:g}"
+          + (" (at the edge of the weights tried: widen --l2)" if at_edge else ""), flush=True)
     for st in students:  # the test split, read once per student for the choice and the default
         rec, clf = st["rec"], st["clf"]
         attack = AttackConfig(attack=rec["attack"], clean_label=rec.get("clean_label", True))
@@ -128,6 +130,7 @@ def main(argv: list[str] | None = None) -> int:
                                      "w2s_settings_hash": rec["settings_hash"], "run_dir": rec["run_dir"],
                                      "head_refit_l2_ran": st["head_refit_l2_ran"], "sweep": st["sweep"],
                                      "choice": choice, "choice_rule": "lowest dev NLL summed over the students",
+                                     "choice_at_edge": at_edge,
                                      "students": len(students), "test": test,
                                      "features_s": st["features_s"], "threads": args.threads})
     print(json.dumps({"choice": choice, "default": DEFAULT_L2}))
