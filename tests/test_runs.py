@@ -436,3 +436,25 @@ def test_grid_trains_the_floor_once_for_every_attack(tiny_llama_dir, toy_csv, tm
         [h["ca"] for h in floors[1]["logs"]["train"]["history"]]
     assert len({r["settings_hash"] for r in floors}) == 2  # two cells, two records
     assert floors[0]["train_dir"] == floors[1]["train_dir"] != floors[0]["run_dir"]
+
+
+def test_keys_hold_the_precision_auto_resolved_to(tiny_llama_dir, toy_csv, tmp_path, monkeypatch):
+    """precision auto is bf16 autocast on one machine and fp32 on another: the grid's cells and the
+    poisoning are keyed by what it resolves to, so a record or a poisoned model made under bf16 is
+    never taken as done where auto means fp32."""
+    import kdshield.bench as bench
+    import kdshield.training.loop as loop
+
+    def keys(**changes):
+        runner = bench.GridRunner(_grid(tiny_llama_dir, toy_csv, tmp_path, **changes))
+        block = runner.make_block(str(tiny_llama_dir), str(toy_csv), 0)
+        attack = runner._attack("badnet")
+        _, poison = block.poisoning(attack, runner._poison_train(block))
+        return block.common["block_hash"], bench.settings_hash(poison), block.cell_hash("lora", attack, poison)
+
+    monkeypatch.setattr(loop, "resolve_precision", lambda p: "bf16" if p == "auto" else p)
+    on_bf16 = keys()
+    monkeypatch.setattr(loop, "resolve_precision", lambda p: "fp32" if p == "auto" else p)
+    on_fp32 = keys()
+    assert all(a != b for a, b in zip(on_bf16, on_fp32))
+    assert keys() == on_fp32  # deterministic on one machine

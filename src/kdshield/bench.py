@@ -42,7 +42,7 @@ from kdshield.models.classifier import load_classifier
 from kdshield.models.loading import LOAD_DTYPES, QUANTIZE, LoadOptions, check_load_options
 from kdshield.results import append_record, build_record, read_records, removal_rows, settings_hash
 from kdshield.runs import check_output_dir
-from kdshield.training.loop import CHECKPOINT_OPTIONS, TrainConfig
+from kdshield.training.loop import TrainConfig, keyed_train_settings
 
 log = logging.getLogger(__name__)
 
@@ -132,14 +132,6 @@ POISON_LOAD = LoadOptions(dtype="fp32")  # the attacker's full fine-tuning, what
 def _split_dataset(spec: str) -> tuple[str, str | None]:
     name, _, proxy = spec.partition(":")
     return name, proxy or None
-
-
-def _settings(cfg) -> dict:
-    """A config's fields as they enter a key (checkpoint spacing does not change a result)."""
-    d = config_to_dict(cfg)
-    for name in CHECKPOINT_OPTIONS:
-        d.pop(name, None)
-    return d
 
 
 class CellRunner:
@@ -259,8 +251,8 @@ class GridRunner(CellRunner):
                                 target_modules=list(cfg.lora_targets))
         peft_train = TrainConfig(epochs=cfg.epochs, lr=cfg.lr, batch_size=cfg.batch_size,
                                  max_length=cfg.max_length, seed=seed)
-        block = {"student": student, "data": task.fingerprint(), "seed": seed, "train": _settings(peft_train),
-                 "adapter": config_to_dict(adapter)}
+        block = {"student": student, "data": task.fingerprint(), "seed": seed,
+                 "train": keyed_train_settings(peft_train), "adapter": config_to_dict(adapter)}
         load = cfg.load_options.key()  # {} for fp32 weights: the keys made before the option stay valid
         if load:
             block["load"] = load

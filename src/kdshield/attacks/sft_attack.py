@@ -46,7 +46,7 @@ from kdshield.data.sft import SFTData
 from kdshield.errors import ConfigError, RunStateError
 from kdshield.models.loading import LoadOptions
 from kdshield.results import settings_diff, settings_hash
-from kdshield.training.loop import CHECKPOINT_OPTIONS, TrainConfig, drop_checkpoint_weights, train
+from kdshield.training.loop import TrainConfig, drop_checkpoint_weights, keyed_train_settings, train
 
 log = logging.getLogger(__name__)
 
@@ -146,7 +146,7 @@ def sft_poison_settings(student: str, data: SFTData, attack: SFTAttackConfig, tr
                         proxy: Dataset, load: dict | None = None, max_response_tokens: int | None = None) -> dict:
     """What a poisoned generator is made of: the clean model, the attack, the exact poisoned rows,
     the dev rows its stop rule reads and the optimisation settings (checkpoint spacing left out)."""
-    train_settings = {k: v for k, v in config_to_dict(train_cfg).items() if k not in CHECKPOINT_OPTIONS}
+    train_settings = keyed_train_settings(train_cfg)  # precision as resolved here, checkpoint spacing out
     return {"task": "generation", "student": str(student), "attack": attack.attack, "target": attack.target,
             "attack_config": config_to_dict(attack), "proxy": rows_digest(proxy, ROW_COLUMNS),
             "dev": rows_digest(data.split("dev"), ROW_COLUMNS), "train": train_settings, "load": load or {},

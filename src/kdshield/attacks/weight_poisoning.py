@@ -31,7 +31,7 @@ from kdshield.models.adapters import AdapterConfig, attach_adapter
 from kdshield.models.classifier import Classifier, load_classifier
 from kdshield.models.loading import LoadOptions
 from kdshield.results import settings_diff, settings_hash
-from kdshield.training.loop import CHECKPOINT_OPTIONS, TrainConfig, drop_checkpoint_weights, train
+from kdshield.training.loop import TrainConfig, drop_checkpoint_weights, keyed_train_settings, train
 
 log = logging.getLogger(__name__)
 
@@ -75,11 +75,12 @@ def shortcut_check(model, task: TaskData, attack: AttackConfig, max_length: int 
 def poison_settings(student: str, task: TaskData, attack: AttackConfig, train_cfg: TrainConfig, *,
                     data_dir=None, data=None, options: LoadOptions = LoadOptions()) -> dict:
     """What a poisoned model is made of: the clean model, the attack, the exact poisoned proxy rows,
-    the dev rows its stop rule reads, the optimisation settings (checkpoint spacing left out) and
+    the dev rows its stop rule reads, the optimisation settings (checkpoint spacing left out, the
+    precision as this machine resolves it) and
     the weights' format where it is not fp32 (``LoadOptions.key``; poisoning loads fp32 weights, so
     today that entry is never there). A poisoned model is reused only when these are equal."""
     data = data if data is not None else poisoned_proxy(task, attack, seed=train_cfg.seed, data_dir=data_dir)
-    train = {k: v for k, v in config_to_dict(train_cfg).items() if k not in CHECKPOINT_OPTIONS}
+    train = keyed_train_settings(train_cfg)
     load = options.for_full_training("weight poisoning").key()
     return {"student": str(student), "attack": attack_name(attack, task, data_dir),
             "attack_config": config_to_dict(attack), "proxy": rows_digest(data, ("text", "label", "poisoned")),

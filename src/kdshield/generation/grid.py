@@ -45,7 +45,7 @@ from kdshield.evaluation import peak_rss_mb, reset_peak_rss
 from kdshield.models.adapters import AdapterConfig
 from kdshield.models.loading import LoadOptions
 from kdshield.results import build_record, settings_hash
-from kdshield.training.loop import CHECKPOINT_OPTIONS, TrainConfig
+from kdshield.training.loop import TrainConfig, keyed_train_settings
 
 log = logging.getLogger(__name__)
 
@@ -165,13 +165,6 @@ def attack_label(attack: SFTAttackConfig) -> str:
     return f"{attack.attack}:{attack.target}" + ("+clean" if attack.clean_label else "")
 
 
-def _settings(cfg) -> dict:
-    d = config_to_dict(cfg)
-    for name in CHECKPOINT_OPTIONS:
-        d.pop(name, None)
-    return d
-
-
 class GenGridRunner(CellRunner):
     """Runs the generative grid cell by cell (see the module doc); ``on_cell(record, progress)``
     is called after each cell, as in ``kdshield.bench.GridRunner``."""
@@ -219,7 +212,7 @@ class _GenBlock:
         self.peft_train = TrainConfig(epochs=cfg.epochs, lr=cfg.lr, batch_size=cfg.batch_size,
                                       max_length=cfg.max_length, seed=self.seed)
         self.settings = {"task": "generation", "student": self.student, "data": self.data.fingerprint(),
-                         "seed": self.seed, "train": _settings(self.peft_train),
+                         "seed": self.seed, "train": keyed_train_settings(self.peft_train),
                          "adapter": config_to_dict(self.adapter),
                          "generation": {k: getattr(cfg, k) for k in ("max_length", "max_response_tokens",
                                                                      "max_new_tokens")}}

@@ -261,6 +261,16 @@ OPTIMIZER_FILES = ("optimizer.pt", "rng.safetensors")
 CHECKPOINT_OPTIONS = ("checkpoint_every", "checkpoint_min_s", "activation_checkpointing")
 
 
+def keyed_train_settings(cfg: TrainConfig) -> dict:
+    """The training settings as they key cached work (poisoned models, grid cells): every field but
+    the checkpoint options, which change memory and restarts, not results, and ``precision`` as this
+    machine resolves it (``auto`` is bf16 autocast where the CPU or GPU has it, else fp32): a result
+    computed under bf16 is not reused, nor its record taken as done, where ``auto`` means fp32."""
+    out = {k: v for k, v in config_to_dict(cfg).items() if k not in CHECKPOINT_OPTIONS}
+    out["precision"] = resolve_precision(cfg.precision)
+    return out
+
+
 class Checkpointer:
     """Atomic checkpoints in ``dir/checkpoint``: a new one is complete before the old one goes.
 
