@@ -13,6 +13,10 @@ import pytest
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+# The suite's exact comparisons (merge = adapter, left = right padding, FSDP = one process) are fp32
+# ones: `auto` stays fp32 on a CPU with native bf16 too, in this process and the ones it starts.
+# The bf16 paths are tested where a test asks for them (tests/test_load_dtype.py).
+os.environ["KDSHIELD_CPU_BF16"] = "0"
 
 WORDS = (
     "the a an this that film movie story plot actor acting scene music it is was be very really so "
