@@ -5,14 +5,15 @@ finished students, score each on the clean dev rows, and report test CA / ASR on
     python benchmarks/head_refit_dev.py configs/quickstart.yaml --set 'attacks=[badnet,insent]' ...
 
 For every W2SDefense record of the grid's results (untagged by default) made on this config's data
-(its ``block_hash``: the same rows, student and seed), the
-script loads the student's stored last weights (the refit does not change them: ``w2s.head_refit``
-runs after training), computes its pooled features of the clean training rows and of the clean dev
-rows once, and refits the output layer from zero for each ``--l2`` (``Classifier.head.refit``, the
-same fit the defense runs). Each weight is scored by the dev rows' mean cross-entropy (``dev_nll``:
-smoother than dev CA on 300 rows) with dev CA beside it; neither needs the trigger. The weight with
-the lowest dev NLL summed over the students is the choice. Only then is the test split read: test
-CA / ASR for the choice and for the default the records ran with, once each per student.
+(its ``block_hash``: the same rows, student and seed), the script loads the student's stored last
+weights (the refit does not change them: ``w2s.head_refit`` runs after training), computes its
+pooled features of the clean training rows and of the clean dev rows once, and refits the output
+layer from zero for each ``--l2`` (``Classifier.head.refit``, the same fit the defense runs;
+``w2s.head_refit_l2`` given as a list makes this choice inside each run). Each weight is scored by
+the dev rows' mean cross-entropy (``dev_nll``: smoother than dev CA on 300 rows) with dev CA beside
+it; neither needs the trigger. The weight with the lowest dev NLL summed over the students is the
+choice. Only then is the test split read: test CA / ASR for the choice and for the default the
+records ran with, once each per student.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from kdshield.attacks.config import AttackConfig
 from kdshield.bench import GridConfig, GridRunner
 from kdshield.cli.bench import parse_overrides
 from kdshield.config import build_config, load_yaml
-from kdshield.defenses.w2s import W2SConfig
+from kdshield.defenses.w2s import W2SConfig, head_scores
 from kdshield.evaluation import evaluate_model
 from kdshield.inference import predict
 from kdshield.models.adapters import AdapterConfig, attach_adapter
@@ -40,15 +41,6 @@ from kdshield.training.loop import load_trained_weights
 
 DEFAULT_L2 = W2SConfig().head_refit_l2
 GRID = [1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0, 3.0]
-
-
-def dev_scores(head, feats: np.ndarray, labels: np.ndarray) -> tuple[float, float]:
-    """Mean cross-entropy and accuracy of ``head`` on fixed features."""
-    with torch.no_grad():
-        logits, _ = head(torch.from_numpy(feats).to(head.out.weight.dtype))
-        logp = torch.log_softmax(logits.double(), dim=1).numpy()
-    y = labels.astype(int)
-    return float(-logp[np.arange(len(y)), y].mean()), float((logp.argmax(1) == y).mean())
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -95,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
         sweep = []
         for l2 in args.l2:
             info = clf.head.refit(torch.from_numpy(f_train), torch.from_numpy(y_train), l2=l2)
-            nll, ca = dev_scores(clf.head, f_dev, y_dev)
+            nll, ca = head_scores(clf.head, torch.from_numpy(f_dev), torch.from_numpy(y_dev))
             sweep.append({"l2": l2, "dev_nll": round(nll, 4), "dev_ca": round(ca, 4),
                           "train_acc": info["train_acc_after"]})
             print(f"{rec['dataset']} / {rec['attack']}: l2 {l2:g}: dev NLL {nll:.4f}, dev CA {100 * ca:.1f}, "

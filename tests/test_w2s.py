@@ -309,6 +309,32 @@ def test_w2s_head_refit_end_to_end(tiny_llama_dir, tiny_bert_dir, toy_dataset, t
     assert DEFENSES.get("w2s")().run(ctx, dataclasses.replace(cfg, head_refit=False)).logs["head_refit"] is None
 
 
+def test_w2s_head_refit_chooses_its_l2_weight_on_dev_rows(tiny_llama_dir, tiny_bert_dir, toy_dataset, tmp_path):
+    """Several head_refit_l2 weights: each is fit on the clean train rows and scored on the clean dev
+    rows; the one of lowest dev cross-entropy is the head the student ends with."""
+    from kdshield.defenses.w2s import head_scores
+
+    task = _task(toy_dataset)
+    ctx = DefenseContext(student=str(tiny_llama_dir), task=task, output_dir=tmp_path / "run",
+                         train=TrainConfig(epochs=1, batch_size=8, precision="fp32"),
+                         adapter=AdapterConfig(kind="lora", r=4), attack=AttackConfig(attack="badnet"))
+    cfg = W2SConfig(teacher=str(tiny_bert_dir), teacher_epochs=1, lr=5e-3, epochs=1, lora_r=4, lora_alpha=8.0,
+                    head_refit_l2=[1e-4, 1.0, 100.0])
+    res = DEFENSES.get("w2s")().run(ctx, cfg)
+    refit = res.logs["head_refit"]
+    assert [r["l2"] for r in refit["sweep"]] == [1e-4, 1.0, 100.0]
+    best = min(refit["sweep"], key=lambda r: r["dev_nll"])
+    assert refit["l2"] == best["l2"]
+    dev = task.split("dev")
+    feats = torch.from_numpy(predict(res.model, list(dev["text"]), with_features=True).features)
+    nll, _ = head_scores(res.model.head, feats, torch.as_tensor(list(dev["label"])))
+    assert nll == pytest.approx(best["dev_nll"], abs=1e-3)  # the kept head is the chosen fit
+    with pytest.raises(ConfigError, match="empty list"):
+        W2SConfig(head_refit_l2=[])
+    with pytest.raises(ConfigError, match="head_refit_l2"):
+        W2SConfig(head_refit_l2=[1e-3, -1.0])
+
+
 def test_head_refit_is_on_by_default_and_off_in_the_paper_presets():
     assert W2SConfig().head_refit and W2SConfig.from_preset("embedded").head_refit
     assert not any(W2SConfig.from_preset(p).head_refit for p in ("paper-badnet", "paper-insent", "paper-syntactic"))

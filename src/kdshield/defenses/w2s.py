@@ -28,6 +28,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -110,8 +111,11 @@ class W2SConfig:
                                            "head's weights along directions clean data leaves unused get no "
                                            "gradient from clean fine-tuning and keep reading the trigger; a head "
                                            "fit from zero has none. Costs one forward pass over the training set.")
-    head_refit_l2: float = cfg_field(1e-3, help="L2 weight of the head refit: mean cross-entropy + l2/2 * ||W||^2 "
-                                                "(1e-3 on 2,000 rows is scikit-learn's C=1).")
+    head_refit_l2: float | list[float] = cfg_field(
+        1e-3, help="L2 weight of the head refit: mean cross-entropy + l2/2 * ||W||^2 (1e-3 on 2,000 rows is "
+                   "scikit-learn's C=1). A list: each weight is fit and the one with the lowest mean "
+                   "cross-entropy on the clean dev rows is kept (no trigger needed; e.g. [1e-4, 1e-3, 1e-2, "
+                   "0.1, 0.3, 1, 3]).")
     teacher_epochs: int = cfg_field(3, help="Epochs of the teacher's full fine-tuning.")
     teacher_lr: float = cfg_field(5e-5, help="Teacher learning rate.")
     teacher_batch_size: int = cfg_field(32, help="Teacher batch size.")
@@ -119,7 +123,11 @@ class W2SConfig:
 
     def __post_init__(self):
         check_w2s_common(self)
-        check_range("w2s.head_refit_l2", self.head_refit_l2, 0, 1e4)
+        weights = self.head_refit_l2 if isinstance(self.head_refit_l2, list) else [self.head_refit_l2]
+        if not weights:
+            raise ConfigError("w2s.head_refit_l2 is an empty list; give one weight or several to choose from")
+        for w in weights:
+            check_range("w2s.head_refit_l2", w, 0, 1e4)
         check_range("w2s.teacher_epochs", self.teacher_epochs, 1, 100)
         check_range("w2s.teacher_lr", self.teacher_lr, 0, 1, lo_open=True)
         check_range("w2s.teacher_batch_size", self.teacher_batch_size, 1, 65536)
@@ -239,12 +247,43 @@ def prepare_teacher(cfg: W2SConfig, task: TaskData, student_hidden: int, train_c
     return Teacher(teacher, path, logits, features, dev_ca, trained=True)
 
 
-def refit_head(clf: Classifier, data, l2: float, *, max_length: int = 64, precision: str = "auto") -> dict:
+def head_scores(head, features: torch.Tensor, labels: torch.Tensor) -> tuple[float, float]:
+    """Mean cross-entropy and accuracy of ``head`` on fixed pooled ``features``."""
+    with torch.no_grad():
+        logits, _ = head(features.to(head.out.weight.dtype))
+        logp = torch.log_softmax(logits.double(), dim=1)
+    y = labels.long()
+    return float(-logp[torch.arange(len(y)), y].mean()), float((logp.argmax(1) == y).double().mean())
+
+
+def refit_head(clf: Classifier, data, l2: float | Sequence[float], *, dev=None, max_length: int = 64,
+               precision: str = "auto") -> dict:
     """Refit ``clf``'s output layer from zero on its pooled features of ``data`` (text, label); see
-    ``W2SConfig.head_refit``. The backbone and adapter stay as they are."""
+    ``W2SConfig.head_refit``. The backbone and adapter stay as they are. Several ``l2`` weights:
+    each is fit and scored by the mean cross-entropy on ``dev`` (clean rows), the lowest is kept,
+    and the result's ``sweep`` lists them all."""
+    weights = [float(w) for w in l2] if isinstance(l2, Sequence) else [float(l2)]
     preds = predict(clf, list(data["text"]), with_features=True, max_length=max_length, precision=precision,
                     desc="head refit")
-    return clf.head.refit(torch.from_numpy(preds.features), torch.as_tensor(list(data["label"])), l2=l2)
+    x, y = torch.from_numpy(preds.features), torch.as_tensor(list(data["label"]))
+    sweep = None
+    if len(weights) > 1:
+        if dev is None or len(dev) == 0:
+            raise ConfigError("choosing the head refit's L2 weight needs clean dev rows; give one weight")
+        f_dev = torch.from_numpy(predict(clf, list(dev["text"]), with_features=True, max_length=max_length,
+                                         precision=precision).features)
+        y_dev = torch.as_tensor(list(dev["label"]))
+        sweep = []
+        for w in weights:
+            fit = clf.head.refit(x, y, l2=w)
+            nll, acc = head_scores(clf.head, f_dev, y_dev)
+            sweep.append({"l2": w, "dev_nll": round(nll, 4), "dev_acc": round(acc, 4),
+                          "train_acc": fit["train_acc_after"]})
+        weights = [min(sweep, key=lambda r: r["dev_nll"])["l2"]]
+    info = clf.head.refit(x, y, l2=weights[0])
+    if sweep is not None:
+        info.update(sweep=sweep, chosen_by="lowest mean cross-entropy on the clean dev rows")
+    return info
 
 
 def student_adapter(adapter: AdapterConfig, cfg: W2SConfig) -> AdapterConfig:
@@ -300,7 +339,7 @@ class W2SDefense(Defense):
                 refit = None
                 if config.head_refit:
                     with Timer() as t_refit, phase("head refit"):
-                        refit = refit_head(clf, ctx.task.split("train"), config.head_refit_l2,
+                        refit = refit_head(clf, ctx.task.split("train"), config.head_refit_l2, dev=ctx.task.split("dev"),
                                            max_length=train_cfg.max_length, precision=train_cfg.precision)
                     refit["s"] = round(t_refit.s, 1)
                     refit["dev_after"] = dev_eval_fn(ctx.task, ctx.attack, data_dir=ctx.data_dir,
