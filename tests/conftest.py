@@ -122,3 +122,14 @@ def _isolated_cache(request, tmp_path, monkeypatch):
     reuse the prepared models there rather than converting them again)."""
     if request.node.get_closest_marker("assets") is None:
         monkeypatch.setenv("KDSHIELD_CACHE", str(tmp_path / "kdshield-cache"))
+
+
+def load_benchmark(name: str):
+    """The module of ``benchmarks/<name>.py`` (benchmark scripts are files, not a package)."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"benchmark_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

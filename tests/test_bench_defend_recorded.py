@@ -4,7 +4,6 @@ work when the config's data are not the ones the model was poisoned on."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -14,15 +13,13 @@ import yaml
 import tests.test_gen_attack as gen_attack
 from kdshield.config import config_to_dict
 from kdshield.generation.grid import GenGridRunner
+from tests.conftest import load_benchmark
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def _script():
-    spec = importlib.util.spec_from_file_location("defend_recorded", ROOT / "benchmarks" / "defend_recorded_generation.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_benchmark("defend_recorded_generation")
 
 
 def _records(path: Path) -> list[dict]:

@@ -3,7 +3,6 @@ students of a toy grid, the test split read only for the choice and the default,
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -11,16 +10,13 @@ import pytest
 import yaml
 
 from kdshield.config import config_to_dict
-from tests.conftest import write_sentiment_csv
+from tests.conftest import load_benchmark, write_sentiment_csv
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def _script():
-    spec = importlib.util.spec_from_file_location("head_refit_dev", ROOT / "benchmarks" / "head_refit_dev.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_benchmark("head_refit_dev")
 
 
 def test_chooses_on_dev_and_reads_test_once_per_weight(tiny_llama_dir, tiny_bert_dir, tmp_path, monkeypatch,

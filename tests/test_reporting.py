@@ -25,6 +25,7 @@ from kdshield.reporting import (
     write_report,
 )
 from kdshield.results import append_record, make_record
+from tests.conftest import load_benchmark
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -261,12 +262,7 @@ def test_gpu_doc_names_existing_files():
 # --- benchmarks/ablation.py ---------------------------------------------------------------------
 
 def _ablation_module():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("ablation", ROOT / "benchmarks" / "ablation.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("ablation")
 
 
 def test_every_variant_set_builds_a_grid_config():
