@@ -31,7 +31,7 @@ from kdshield.attacks.config import AttackConfig
 from kdshield.bench import GridConfig, GridRunner
 from kdshield.cli.bench import parse_overrides
 from kdshield.config import build_config, load_yaml
-from kdshield.defenses.w2s import W2SConfig, head_scores
+from kdshield.defenses.w2s import W2SConfig, refit_sweep
 from kdshield.evaluation import evaluate_model
 from kdshield.inference import predict
 from kdshield.models.adapters import AdapterConfig, attach_adapter
@@ -84,14 +84,11 @@ def main(argv: list[str] | None = None) -> int:
         f_train = predict(clf, list(train["text"]), with_features=True, max_length=max_length).features
         f_dev = predict(clf, list(dev["text"]), with_features=True, max_length=max_length).features
         y_train, y_dev = np.asarray(train["label"]), np.asarray(dev["label"])
-        sweep = []
-        for l2 in args.l2:
-            info = clf.head.refit(torch.from_numpy(f_train), torch.from_numpy(y_train), l2=l2)
-            nll, ca = head_scores(clf.head, torch.from_numpy(f_dev), torch.from_numpy(y_dev))
-            sweep.append({"l2": l2, "dev_nll": round(nll, 4), "dev_ca": round(ca, 4),
-                          "train_acc": info["train_acc_after"]})
-            print(f"{rec['dataset']} / {rec['attack']}: l2 {l2:g}: dev NLL {nll:.4f}, dev CA {100 * ca:.1f}, "
-                  f"train acc {100 * info['train_acc_after']:.1f}", flush=True)
+        sweep = refit_sweep(clf.head, torch.from_numpy(f_train), torch.from_numpy(y_train),
+                            torch.from_numpy(f_dev), torch.from_numpy(y_dev), args.l2)
+        for row in sweep:
+            print(f"{rec['dataset']} / {rec['attack']}: l2 {row['l2']:g}: dev NLL {row['dev_nll']:.4f}, dev CA "
+                  f"{100 * row['dev_ca']:.1f}, train acc {100 * row['train_acc']:.1f}", flush=True)
         students.append({"rec": rec, "task": task, "clf": clf, "f_train": f_train, "y_train": y_train,
                          "sweep": sweep, "head_refit_l2_ran": mcfg.get("head_refit_l2"),
                          "features_s": round(time.perf_counter() - t0, 1)})

@@ -256,6 +256,19 @@ def head_scores(head, features: torch.Tensor, labels: torch.Tensor) -> tuple[flo
     return float(-logp[torch.arange(len(y)), y].mean()), float((logp.argmax(1) == y).double().mean())
 
 
+def refit_sweep(head, x: torch.Tensor, y: torch.Tensor, x_dev: torch.Tensor, y_dev: torch.Tensor,
+                weights: Sequence[float]) -> list[dict]:
+    """Refit ``head`` from zero on (``x``, ``y``) for each L2 weight and score it on the dev
+    features: one row per weight (dev NLL and CA, train accuracy). ``head`` ends with the last fit."""
+    rows = []
+    for w in weights:
+        fit = head.refit(x, y, l2=w)
+        nll, acc = head_scores(head, x_dev, y_dev)
+        rows.append({"l2": float(w), "dev_nll": round(nll, 4), "dev_ca": round(acc, 4),
+                     "train_acc": fit["train_acc_after"]})
+    return rows
+
+
 def refit_head(clf: Classifier, data, l2: float | Sequence[float], *, dev=None, max_length: int = 64,
                precision: str = "auto") -> dict:
     """Refit ``clf``'s output layer from zero on its pooled features of ``data`` (text, label); see
@@ -272,13 +285,7 @@ def refit_head(clf: Classifier, data, l2: float | Sequence[float], *, dev=None, 
             raise ConfigError("choosing the head refit's L2 weight needs clean dev rows; give one weight")
         f_dev = torch.from_numpy(predict(clf, list(dev["text"]), with_features=True, max_length=max_length,
                                          precision=precision).features)
-        y_dev = torch.as_tensor(list(dev["label"]))
-        sweep = []
-        for w in weights:
-            fit = clf.head.refit(x, y, l2=w)
-            nll, acc = head_scores(clf.head, f_dev, y_dev)
-            sweep.append({"l2": w, "dev_nll": round(nll, 4), "dev_acc": round(acc, 4),
-                          "train_acc": fit["train_acc_after"]})
+        sweep = refit_sweep(clf.head, x, y, f_dev, torch.as_tensor(list(dev["label"])), weights)
         weights = [min(sweep, key=lambda r: r["dev_nll"])["l2"]]
     info = clf.head.refit(x, y, l2=weights[0])
     if sweep is not None:
