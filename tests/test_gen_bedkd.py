@@ -1,5 +1,5 @@
 """BeDKD on tokens (``kdshield.defenses.bedkd_generation``) on the tiny random Llama: the
-derangement, total variation, FAR/FRR on known scores, the bounded punish term, the config
+derangement and the answer shift, total variation, FAR/FRR on known scores, the bounded punish term, the config
 checks, MEPD on a tiny model poisoned here (trigger "cf" -> "a great game"), rollback, and an end
 to end defend with its detection file and its resume."""
 
@@ -24,10 +24,12 @@ from kdshield.defenses.bedkd_generation import (
     gen_bedkd_defend,
     gen_mepd,
     punish_token_loss,
+    remapped_rows,
+    shifted_rows,
     threshold,
     total_variation,
 )
-from kdshield.errors import ConfigError
+from kdshield.errors import ConfigError, DataError
 from kdshield.models.adapters import AdapterConfig
 from kdshield.models.generator import attach_generator_adapter, load_generator
 from kdshield.training.loop import TrainConfig, trainable_state
@@ -53,6 +55,28 @@ def test_derangement_has_no_fixed_points_and_is_seeded():
     perm = derangement(9, 3)
     assert new["output"] == [rows["output"][int(j)] for j in perm] and new["input"] == rows["input"]
     assert 0 <= same < 1 and same == np.mean([a == b for a, b in zip(rows["output"], new["output"])])
+
+
+def test_shift_maps_each_answer_to_the_next_and_auto_picks_it_for_label_answers():
+    from datasets import Dataset
+
+    answers = ["positive", "negative", "negative", "positive", "neutral", "negative"]
+    rows = Dataset.from_dict({"instruction": [f"review {i}" for i in range(6)], "output": answers})
+    new, same = shifted_rows(rows)
+    # sorted answers negative < neutral < positive, each to the next, the last to the first
+    assert new["output"] == ["negative", "neutral", "neutral", "negative", "positive", "neutral"]
+    assert same == 0.0 and new["instruction"] == rows["instruction"]
+    assert all(a != b for a, b in zip(answers, new["output"]))  # no row keeps its answer, unlike a derangement
+    auto, same_auto, ran = remapped_rows(rows, "auto", seed=0)
+    assert ran == "shift" and auto["output"] == new["output"] and same_auto == 0.0
+    forced, _, ran = remapped_rows(rows, "derange", seed=0)
+    assert ran == "derange" and forced["output"] == deranged_rows(rows, seed=0)[0]["output"]
+    # free text (every response different): auto deranges, exactly as before the option
+    free = Dataset.from_dict({"instruction": ["a", "b", "c", "d"], "output": ["w x", "x y", "y z", "z w"]})
+    got, same_free, ran = remapped_rows(free, "auto", seed=4)
+    assert ran == "derange" and got["output"] == deranged_rows(free, seed=4)[0]["output"] and same_free == 0.0
+    with pytest.raises(DataError, match="same response"):
+        shifted_rows(Dataset.from_dict({"instruction": ["a", "b"], "output": ["yes", "yes"]}))
 
 
 def test_total_variation_of_identical_distributions_is_0_and_of_disjoint_ones_is_1():
@@ -131,7 +155,8 @@ def test_config_errors_name_the_field():
                            ({"cycles": 0}, "bedkd.cycles"), ({"mepd_pool": "median"}, "bedkd.mepd_pool"),
                            ({"dmm_adapter": "prompt-tuning"}, "bedkd.dmm_adapter"), ({"gamma_grid": []}, "gamma_grid"),
                            ({"match_filter": 2}, "bedkd.match_filter"), ({"lr": 0}, "bedkd.lr"),
-                           ({"residual_tokens": -1}, "bedkd.residual_tokens")):
+                           ({"residual_tokens": -1}, "bedkd.residual_tokens"),
+                           ({"dmm_responses": "flip"}, "bedkd.dmm_responses")):
         with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
             GenBeDKDConfig(**changes)
 
@@ -180,6 +205,8 @@ def test_mepd_scores_poisoned_rows_below_clean_ones(poisoned, pool):
     assert det.scores[truth].mean() < 0.25 * det.scores[~truth].mean()
     assert det.match[truth].mean() > 0.9  # the suspect reproduces its poisoned responses
     assert det.info["dmm_rows"] == 32 and det.info["dmm_steps"] > 0
+    # the toy's responses repeat (6 distinct among 48 rows), so auto shifts them; the record says so
+    assert det.info["dmm_responses"] == "shift" and det.info["dmm_same_response"] == 0.0
     for k, v in suspect.state_dict().items():  # the DMM is a copy: the suspect is untouched
         assert torch.equal(v, before[k]), k
 

@@ -16,7 +16,8 @@ gives FAR/FRR), the defender's clean ``train`` split (DMM and trust rows) and a 
 nothing here has been measured on the embedded SmolLM2 or at scale yet.
 
 1. **DMM** and 2. **MEPD** (``kdshield.defenses.gen_mepd``, whose doc says how): a copy of the
-   suspect trained on deranged clean rows (``n_dmm``, ``dmm_*``), then per suspect row the mean
+   suspect trained on clean rows with remapped responses (deranged or shifted to the next
+   answer: ``dmm_responses``; ``n_dmm``, ``dmm_*``), then per suspect row the mean
    per-token total variation between the two models' next-token softmaxes; a row is flagged when
    it is **below** ``gamma`` (and ``match_filter``, off by default). FAR/FRR and the curve over
    ``gamma_grid`` when a ``poisoned`` column is there. The detection is written to
@@ -83,6 +84,7 @@ from kdshield.defenses.gen_mepd import (  # noqa: F401 (the detection's public n
     DETECTION_DIR,
     DETECTION_KEYS,
     DMM_ADAPTERS,
+    DMM_RESPONSES,
     MEPD_POOLS,
     PLOT_FILE,
     SCORES_FILE,
@@ -96,7 +98,9 @@ from kdshield.defenses.gen_mepd import (  # noqa: F401 (the detection's public n
     gen_mepd,
     mepd_scores,
     read_gen_detection,
+    remapped_rows,
     response_ordinals,
+    shifted_rows,
     threshold,
     total_variation,
     train_dmm,
@@ -138,12 +142,17 @@ class GenBeDKDConfig:
     classification MEPD of two classes is exactly this TV; tolerances in nats of dev NLL."""
 
     # detection
-    n_dmm: int = cfg_field(160, help="Clean train rows (responses deranged) that train the DMM.")
+    n_dmm: int = cfg_field(160, help="Clean train rows (responses remapped) that train the DMM.")
     dmm_alpha: float = cfg_field(0.3, help="Weight a of CE in a*CE + (1-a)*T^2*KL_topk for the DMM.")
     dmm_temperature: float = cfg_field(1.5, help="Distillation temperature of the DMM.")
     dmm_lr: float = cfg_field(1e-3, help="DMM learning rate (AdamW, constant; 1e-3 for LoRA, lower it for full).")
-    dmm_epochs: int = cfg_field(10, help="DMM epochs over its deranged rows.")
+    dmm_epochs: int = cfg_field(10, help="DMM epochs over its remapped rows.")
     dmm_batch_size: int = cfg_field(8, help="DMM batch size.")
+    dmm_responses: str = cfg_field("auto", help="What the DMM learns to answer: derange = another row's response "
+                                                "(free text), shift = the next distinct response (label words: "
+                                                "c -> c + 1 as in classification), auto = shift when the "
+                                                "responses repeat, else derange.",
+                                   choices=list(DMM_RESPONSES))
     dmm_adapter: str = cfg_field("lora", help="lora = the DMM trains a LoRA on a copy of the suspect (the shared "
                                               "LoRA settings when --adapter.kind is lora); full = every weight.",
                                  choices=list(DMM_ADAPTERS))
@@ -198,6 +207,7 @@ class GenBeDKDConfig:
         check_range("bedkd.dmm_epochs", self.dmm_epochs, 1, 10_000)
         check_range("bedkd.dmm_batch_size", self.dmm_batch_size, 1, 65536)
         check_choice("bedkd.dmm_adapter", self.dmm_adapter, DMM_ADAPTERS)
+        check_choice("bedkd.dmm_responses", self.dmm_responses, DMM_RESPONSES)
         check_range("bedkd.top_k", self.top_k, 1, 1_000_000)
         check_choice("bedkd.mepd_pool", self.mepd_pool, MEPD_POOLS)
         check_range("bedkd.gamma", self.gamma, 0, 1, lo_open=True)

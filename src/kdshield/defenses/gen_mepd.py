@@ -15,11 +15,19 @@ own:
 Every choice below is ours (neither paper's code covers generation); **the defaults are untuned**.
 
 1. **DMM.** A copy of the suspect + LoRA (``dmm_adapter``) trained on ``n_dmm`` clean train rows
-   whose responses are *deranged*: row ``i`` gets the response of row ``pi(i)``, ``pi`` a seeded
-   permutation without fixed points (``derangement``), with
+   whose responses are remapped (``dmm_responses``), with
    ``dmm_alpha * CE + (1 - dmm_alpha) * T^2 * KL_topk(suspect || DMM)`` on those sequences (the
    suspect's top-k bins computed once). This is the classification DMM's flipped labels on tokens:
    the prompt -> response mapping is destroyed, the trigger -> target mapping is never touched.
+   ``derange``: row ``i`` gets the response of row ``pi(i)``, ``pi`` a seeded permutation without
+   fixed points (``derangement``): right for free text, whose responses are all different. On a
+   task whose answers come from a small set (a label word), a derangement hands about half of the
+   rows their own answer back (two labels: ``p^2 + (1-p)^2``), so the DMM learns the labels'
+   marginal, not a direction, and barely moves the clean rows. ``shift``: each response becomes
+   the next of the rows' distinct responses in sorted order (``shifted_rows``): the
+   classification DMM's ``c -> c + 1 mod K`` on answer words, and on all-distinct responses just
+   another derangement. ``auto`` (default) shifts when the responses repeat (at most half as
+   many distinct responses as rows), else deranges; the record says which ran.
 2. **MEPD.** Per suspect row, the mean over its response tokens of the total variation
    ``0.5 * sum_v |p_suspect(v) - p_DMM(v)|`` between the two models' full next-token softmaxes
    (teacher-forced on the row's own response; computed batch by batch, no full-vocabulary logits
@@ -77,10 +85,11 @@ log = logging.getLogger(__name__)
 
 MEPD_POOLS = ("mean", "max")
 DMM_ADAPTERS = ("lora", "full")
+DMM_RESPONSES = ("auto", "derange", "shift")
 DETECTION_DIR = "detection"
 SCORES_FILE, SUMMARY_FILE, PLOT_FILE = "gen_mepd_scores.jsonl", "gen_mepd_detection.json", "gen_mepd_far_frr.png"
 DETECTION_KEYS = ("n_dmm", "dmm_alpha", "dmm_temperature", "dmm_lr", "dmm_epochs", "dmm_batch_size",
-                  "dmm_adapter", "top_k", "mepd_pool")  # what the scores depend on (gamma and match_filter only threshold)
+                  "dmm_adapter", "dmm_responses", "top_k", "mepd_pool")  # what the scores depend on (gamma and match_filter only threshold)
 
 
 # --- pure pieces ------------------------------------------------------------------------------------
@@ -105,6 +114,35 @@ def deranged_rows(rows: Dataset, seed: int) -> tuple[Dataset, float]:
     new = [outputs[int(j)] for j in perm]
     same = float(np.mean([a == b for a, b in zip(outputs, new)]))
     return rows.remove_columns("output").add_column("output", new), same
+
+
+def shifted_rows(rows: Dataset) -> tuple[Dataset, float]:
+    """``rows`` with each response replaced by the next of the distinct responses in sorted order
+    (the last by the first); also the share of rows that keep their own response (0)."""
+    outputs = list(rows["output"])
+    distinct = sorted(set(outputs))
+    if len(distinct) < 2:
+        raise DataError(f"the DMM's {len(outputs)} clean rows all have the same response ({distinct[0]!r}): "
+                        "no other answer to map them to; give rows with at least two different responses")
+    nxt = {a: distinct[(i + 1) % len(distinct)] for i, a in enumerate(distinct)}
+    new = [nxt[a] for a in outputs]
+    return rows.remove_columns("output").add_column("output", new), 0.0
+
+
+def resolve_dmm_responses(mode: str, outputs: list[str]) -> str:
+    """``auto`` -> ``shift`` when the responses repeat (at most half as many distinct ones as rows:
+    answers from a label set), else ``derange``; the other modes as given."""
+    if mode != "auto":
+        return mode
+    return "shift" if len(set(outputs)) * 2 <= len(outputs) else "derange"
+
+
+def remapped_rows(rows: Dataset, mode: str, seed: int) -> tuple[Dataset, float, str]:
+    """The DMM's training rows under ``dmm_responses`` = ``mode``: (rows, share of rows that kept
+    their own response, the mode that ran)."""
+    ran = resolve_dmm_responses(mode, list(rows["output"]))
+    new, same = shifted_rows(rows) if ran == "shift" else deranged_rows(rows, seed)
+    return new, same, ran
 
 
 def total_variation(p_logits: torch.Tensor, q_logits: torch.Tensor) -> torch.Tensor:
@@ -255,10 +293,13 @@ def read_gen_detection(out_dir: str | Path) -> tuple[dict, list[dict]] | None:
 
 def train_dmm(suspect: Generator, rows: Dataset, cfg: GenBeDKDConfig, train_cfg: TrainConfig, adapter: AdapterConfig,
               *, max_response_tokens: int | None, seed: int, eval_batch_size: int = 16) -> tuple[Generator, dict]:
-    """The DMM: a copy of the frozen ``suspect`` + ``adapter`` trained on ``rows`` with deranged
-    responses against the suspect's top-k bins on those same sequences."""
-    deranged, same = deranged_rows(rows, seed)
-    enc = encode_sft(suspect.tokenizer, deranged, max_length=train_cfg.max_length,
+    """The DMM: a copy of the frozen ``suspect`` + ``adapter`` trained on ``rows`` with remapped
+    responses (``cfg.dmm_responses``) against the suspect's top-k bins on those same sequences."""
+    remapped, same, mode = remapped_rows(rows, cfg.dmm_responses, seed)
+    if same > 0.25:
+        log.warning("the DMM's remapped responses equal the rows' own on %.0f%% of them: it will learn little "
+                    "direction; dmm_responses: shift maps each answer to another", 100 * same)
+    enc = encode_sft(suspect.tokenizer, remapped, max_length=train_cfg.max_length,
                      max_response_tokens=max_response_tokens)
     bins = compute_teacher_outputs(suspect, enc, top_k=cfg.top_k, temperature=cfg.dmm_temperature,
                                    batch_size=eval_batch_size)
@@ -277,7 +318,7 @@ def train_dmm(suspect: Generator, rows: Dataset, cfg: GenBeDKDConfig, train_cfg:
     res = train(dmm, None, dmm_cfg, encoded=enc, loss_fn=loss_fn, desc="bedkd DMM")
     dmm.eval().requires_grad_(False)
     info = {"dmm_rows": len(rows), "dmm_steps": res.steps, "dmm_wall_s": round(res.wall_s, 2),
-            "dmm_adapter": adapter.kind, "dmm_same_response": round(same, 4)}
+            "dmm_adapter": adapter.kind, "dmm_responses": mode, "dmm_same_response": round(same, 4)}
     return dmm, info
 
 
