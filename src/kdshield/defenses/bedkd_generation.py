@@ -12,8 +12,10 @@ module (DMM), then adversarial distillation from the frozen suspect into its PEF
 It needs the suspect training set (``suspect_rows``, SFT rows; a ``poisoned`` column, when there,
 gives FAR/FRR), the defender's clean ``train`` split (DMM and trust rows) and a clean ``dev`` split
 (rollback and selection). Every choice below is ours (neither paper's code covers generation);
-**the defaults are untuned**: they are the classification BeDKD's where a setting transfers, and
-nothing here has been measured on the embedded SmolLM2 or at scale yet.
+**the defaults are untuned**: they are the classification BeDKD's where a setting transfers.
+Measured on the embedded SmolLM2 on two cells (``benchmarks/RESULTS.md``: bbc-lead InSent -> fixed,
+and rotten-tomatoes-instruct clean-label BadNet -> "negative", the latter only once the DMM shifted
+label answers instead of deranging them); not at scale.
 
 1. **DMM** and 2. **MEPD** (``kdshield.defenses.gen_mepd``, whose doc says how): a copy of the
    suspect trained on clean rows with remapped responses (deranged or shifted to the next
