@@ -94,6 +94,7 @@ from kdshield.training.loop import (
     trainable_state,
     write_dir_atomically,
 )
+from kdshield.training.optim import adamw
 
 log = logging.getLogger(__name__)
 
@@ -199,8 +200,8 @@ class AdversarialKD:
     def _reset_optimizers(self) -> None:
         # Two optimizers: Adam normalises gradient size, so only a separate learning rate (not a
         # loss weight) can make the ascent gentler; separate moments keep descent and ascent apart.
-        self.opt_trust = torch.optim.AdamW(self.params, lr=self.lr, weight_decay=0.0)
-        self.opt_punish = torch.optim.AdamW(self.params, lr=self.punish_lr, weight_decay=0.0)
+        self.opt_trust = adamw(self.params, lr=self.lr)
+        self.opt_punish = adamw(self.params, lr=self.punish_lr)
 
     def _phase(self, enc, optimizer, cycle: int, punish: bool) -> dict:
         cfg = self.config

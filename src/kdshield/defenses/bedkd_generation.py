@@ -129,6 +129,7 @@ from kdshield.training.loop import (
     trainable_state,
     write_dir_atomically,
 )
+from kdshield.training.optim import adamw
 from kdshield.training.sft import ROW_COLUMNS, encode_sft, response_nll
 
 log = logging.getLogger(__name__)
@@ -325,8 +326,8 @@ class GenAdversarialKD:
 
     def _reset_optimizers(self) -> None:
         # Adam normalises gradient size: only a separate lr (not a loss weight) makes the ascent gentler
-        self.opt_trust = torch.optim.AdamW(self.params, lr=self.lr, weight_decay=0.0)
-        self.opt_punish = torch.optim.AdamW(self.params, lr=self.punish_lr, weight_decay=0.0)
+        self.opt_trust = adamw(self.params, lr=self.lr)
+        self.opt_punish = adamw(self.params, lr=self.punish_lr)
 
     def _phase(self, enc: Encoded, optimizer, cycle: int, punish: bool) -> dict:
         cfg = self.cfg

@@ -36,6 +36,7 @@ from kdshield.profiling import phase
 from kdshield.results import settings_diff, settings_hash
 from kdshield.training.losses import cross_entropy
 from kdshield.training.memory import CHECKPOINTING, enable_activation_checkpointing
+from kdshield.training.optim import adamw, implementation
 from kdshield.training.sharding import (
     OPTIMIZER_FORMAT,
     fit_wrap_policy,
@@ -121,6 +122,7 @@ class TrainResult:
     examples_seen: int = 0
     trainable_params: int = 0
     precision: str = "fp32"
+    optimizer: str = "adamw"  # training.optim.implementation: the fused kernel or torch's default
     stopped_early: bool = False
     resumed_from_step: int | None = None
     prior_wall_s: float = 0.0  # wall time of earlier processes of this run (kept in its checkpoint)
@@ -449,7 +451,8 @@ def train(model: torch.nn.Module, train_data: Dataset | None, config: TrainConfi
     params = list(parameters) if parameters is not None else [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("no trainable parameters: attach an adapter or unfreeze something")
-    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    optimizer = adamw(params, lr=config.lr, weight_decay=config.weight_decay)
+    optimizer_impl = implementation(optimizer)
     warmup = int(config.warmup_ratio * total_steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(config.schedule, warmup, total_steps))
     caller = model  # the module the caller holds: it keeps (or, under FSDP, gets back) the full weights
@@ -480,7 +483,7 @@ def train(model: torch.nn.Module, train_data: Dataset | None, config: TrainConfi
     ema = ({n: p.detach().float().clone() for n, p in unwrapped.named_parameters() if p.requires_grad}
            if config.ema else None)
     result = TrainResult(trainable_params=sum(p.numel() for p in params), precision=precision,
-                         settings_hash=settings_hash(settings), config=config_to_dict(config))
+                         optimizer=optimizer_impl, settings_hash=settings_hash(settings), config=config_to_dict(config))
     best: dict | None = None
     epoch, batches_done, step = 0, 0, 0
     stop = False
