@@ -51,8 +51,8 @@ per example, every batch padded to ``T``):
   recomputes one layer at a time in backward: ``L d rb + one layer's saved set`` per token.
 - **workspace**: the gradients of one layer's saved tensors in backward (at most one layer's saved
   set at a time), the dequantised weight of the largest linear layer (``qlora``), and AdamW's step
-  temporaries (the foreach implementation of GPUs allocates ``sqrt(v)`` for every trainable
-  parameter at once, 4 bytes each; on CPU one tensor at a time).
+  temporaries (kdshield's fused AdamW works one parameter tensor at a time, on CPU and GPU: at most
+  one fp32 tensor the size of the largest parameter).
 
 Peak: gradients are set to None after each step and appear while backward frees the activations,
 so the two are not held at once in full:
@@ -75,7 +75,7 @@ below in both. The shortfall is about half the activation term in both runs (515
 while the activation rules themselves are exact; what RSS holds beyond live tensors (the C
 allocator's freed but retained heap, the tokenizer, code pages touched by the first kernels) is not
 modelled, so on CPU read the plan as the tensors' peak, some 20-25 % under the process's. No
-calibration constant was added. The GPU terms (``GPU_RESERVE_GIB``, foreach temporaries, FSDP
+calibration constant was added. The GPU terms (``GPU_RESERVE_GIB``, AdamW temporaries, FSDP
 gather, NF4, autocast copies under CUDA) are arithmetic from the libraries' layouts, not measured.
 """
 
@@ -595,10 +595,9 @@ def plan_memory(shape: ModelShape, s: PlanSettings) -> MemoryPlan:
     per_example = (acts.per_token + acts.workspace_per_token) * tokens + acts.per_example
     # qlora: bitsandbytes dequantises one weight matrix at a time into the compute dtype
     dequant = max(a * b for a, b, _ in lin.values()) * w if s.mode == "qlora" else 0.0
-    if s.device == "gpu":
-        step_temporaries = 4 * trainable / n  # foreach AdamW: sqrt(v) for all parameters at once
-    else:
-        step_temporaries = 4 * largest  # for-loop AdamW: one parameter at a time
+    # fused AdamW (training.optim) updates one parameter tensor at a time in place; the bound of one
+    # fp32 temporary of the largest tensor also covers torch's for-loop fallback
+    step_temporaries = 4 * largest
     backward_constant = acts.per_batch + acts.weight_copies + dequant + ddp_buckets
     if s.grad_accum > 1:
         backward_constant += gradients

@@ -44,7 +44,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--precision", default="auto", choices=PRECISIONS,
                         help="TrainConfig.precision: bf16 autocast or fp32 (auto: bf16 on a GPU, fp32 on CPU)")
     parser.add_argument("--device", default="gpu", choices=DEVICES,
-                        help="where it runs: gpu keeps GPU_RESERVE_GIB for the CUDA context and uses foreach AdamW")
+                        help="where it runs: gpu keeps GPU_RESERVE_GIB for the CUDA context")
     parser.add_argument("--batch-size", type=int, default=16, help="examples per forward pass, per process")
     parser.add_argument("--max-length", type=int, default=64, help="tokens per example (batches padded to it)")
     parser.add_argument("--lora-r", type=int, default=8, help="LoRA rank")
