@@ -43,16 +43,14 @@ def settings_of(a: argparse.Namespace) -> dict:
     return {k: getattr(a, k) for k in SETTINGS}
 
 
-def recorded_lrs(path: Path, settings: dict) -> set[float]:
-    """Learning rates already measured under exactly these settings."""
+def recorded(path: Path, settings: dict) -> list[dict]:
+    """The sweep's records in ``path`` made under exactly these settings."""
+    from kdshield.results import read_records
+
     if not path.is_file():
-        return set()
-    done = set()
-    for line in path.read_text().splitlines():
-        rec = json.loads(line)
-        if rec.get("kind") == "peft-lr" and all(rec.get(k) == v for k, v in settings.items()):
-            done.add(float(rec["lr"]))
-    return done
+        return []
+    return [r for r in read_records(path)
+            if r.get("kind") == "peft-lr" and all(r.get(k) == v for k, v in settings.items())]
 
 
 def best_lr(records: list[dict]) -> dict | None:
@@ -89,7 +87,7 @@ def main(argv=None) -> int:
 
     out = Path(a.out)
     settings = settings_of(a)
-    done = recorded_lrs(out, settings)
+    done = {float(r["lr"]) for r in recorded(out, settings)}
     for lr in a.lrs:
         if lr in done:
             print(f"lr {lr:g}: recorded before with these settings, not trained again")
@@ -100,8 +98,7 @@ def main(argv=None) -> int:
         with open(out, "a") as fh:  # one record per lr as it finishes: a killed sweep keeps its finished ones
             fh.write(json.dumps(row) + "\n")
         print(f"lr {lr:g}: dev CA {100 * row['dev_ca']:.1f} ({row['train_s']:.0f} s)")
-    every = [json.loads(x) for x in out.read_text().splitlines()] if out.is_file() else []
-    mine = [r for r in every if r.get("kind") == "peft-lr" and all(r.get(k) == v for k, v in settings.items())]
+    mine = recorded(out, settings)
     for r in sorted(mine, key=lambda r: r["lr"]):
         print(f"  {a.adapter} lr {r['lr']:g}: dev CA {100 * r['dev_ca']:.1f}")
     best = best_lr(mine)
