@@ -37,7 +37,7 @@ from kdshield.defenses import DEFENSES, DefenseContext
 from kdshield.defenses.back_translation import evaluate_eval_sets
 from kdshield.errors import ConfigError
 from kdshield.evaluation import evaluate_model, peak_rss_mb, reset_peak_rss
-from kdshield.models.adapters import AdapterConfig
+from kdshield.models.adapters import AdapterConfig, default_peft_lr
 from kdshield.models.classifier import load_classifier
 from kdshield.models.loading import LOAD_DTYPES, QUANTIZE, LoadOptions, check_load_options
 from kdshield.results import append_record, build_record, read_records, removal_rows, settings_hash
@@ -76,7 +76,9 @@ class GridConfig:
                                            "and plain LoRA then cut ASR from 99.8 to 90.7 (benchmarks/RESULTS.md).")
     asr_target: float = cfg_field(0.9, help="Weight poisoning stops once dev ASR reaches this.")
     epochs: int = cfg_field(2, help="Epochs of PEFT and of each defense.")
-    lr: float = cfg_field(2e-4, help="PEFT learning rate (defenses with their own lr use theirs).")
+    lr: float | None = cfg_field(None, help="PEFT learning rate (none: the adapter's default, 2e-4 for LoRA, "
+                                            "2e-3 for prompt tuning and p-tuning; defenses with their own lr "
+                                            "use theirs).")
     batch_size: int = cfg_field(16, help="Batch size of PEFT and defenses.")
     adapter: str = cfg_field("lora", help="lora | prompt-tuning | p-tuning | full.")
     lora_r: int = cfg_field(8, help="LoRA rank.")
@@ -249,7 +251,10 @@ class GridRunner(CellRunner):
         proxy_name = task.proxy or name
         adapter = AdapterConfig(kind=cfg.adapter, r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
                                 target_modules=list(cfg.lora_targets))
-        peft_train = TrainConfig(epochs=cfg.epochs, lr=cfg.lr, batch_size=cfg.batch_size,
+        # the resolved lr enters the block's hash and records: a cell keyed before the per-adapter
+        # default (LoRA, 2e-4 either way) keeps its key, a prompt-tuning cell trained at 2e-4 does not
+        lr = cfg.lr if cfg.lr is not None else default_peft_lr(cfg.adapter)
+        peft_train = TrainConfig(epochs=cfg.epochs, lr=lr, batch_size=cfg.batch_size,
                                  max_length=cfg.max_length, seed=seed)
         block = {"student": student, "data": task.fingerprint(), "seed": seed,
                  "train": keyed_train_settings(peft_train), "adapter": config_to_dict(adapter)}

@@ -21,6 +21,20 @@ from kdshield.errors import ConfigError, ModelLoadError
 
 ADAPTERS = ("lora", "prompt-tuning", "p-tuning", "full")
 
+# The plain-PEFT learning rate each adapter gets when none is given. Prompt tuning and p-tuning
+# train a few thousand weights in the input and need a larger step than LoRA: at LoRA's 2e-4 the
+# never-poisoned SmolLM2 student reached dev CA 70.0 (prompt tuning) and 67.7 (p-tuning), at 2e-3
+# 82.3 and 81.7, at 2e-2 81.3 and 57.7 (LoRA at 2e-4: 82.3). Chosen on dev accuracy of a model that
+# was never poisoned, so no trigger and no test row entered: `python benchmarks/peft_lr_dev.py`,
+# benchmarks/results/peft-lr-dev.jsonl. "full" keeps the shared value it always had.
+DEFAULT_PEFT_LR = {"lora": 2e-4, "prompt-tuning": 2e-3, "p-tuning": 2e-3, "full": 2e-4}
+
+
+def default_peft_lr(kind: str) -> float:
+    """The learning rate plain PEFT with adapter ``kind`` uses when the user sets none."""
+    check_choice("adapter.kind", kind, ADAPTERS)
+    return DEFAULT_PEFT_LR[kind]
+
 
 @dataclass
 class AdapterConfig:

@@ -63,7 +63,8 @@ class TrainConfig:
     """Optimisation settings shared by every method that trains."""
 
     epochs: int = cfg_field(2, help="Passes over the training data.")
-    lr: float = cfg_field(2e-4, help="Peak learning rate (AdamW).")
+    lr: float = cfg_field(2e-4, help="Peak learning rate (AdamW). finetune / defend without one: the "
+                                      "adapter's default (LoRA 2e-4, prompt tuning and p-tuning 2e-3).")
     batch_size: int = cfg_field(16, help="Examples per forward pass (per process).")
     grad_accum: int = cfg_field(1, help="Batches per optimizer step.")
     weight_decay: float = cfg_field(0.0, help="AdamW weight decay.")
