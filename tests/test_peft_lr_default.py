@@ -24,12 +24,11 @@ def test_every_adapter_has_a_default_and_a_typo_is_named():
 
 def _train_lr(tmp_path, toy_csv, *extra):
     from kdshield.cli import build_parser
-    from kdshield.cli.common import build_adapter, build_train
+    from kdshield.cli.common import build_peft
 
     args = build_parser().parse_args(["finetune", "--model", "m", "--data", str(toy_csv),
                                       "--out", str(tmp_path / "o"), *extra])
-    adapter = build_adapter(args)
-    return build_train(args, lr=default_peft_lr(adapter.kind)).lr
+    return build_peft(args)[1].lr
 
 
 def test_cli_default_follows_the_adapter_and_an_explicit_lr_wins(tmp_path, toy_csv):

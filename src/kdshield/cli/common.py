@@ -10,7 +10,7 @@ from kdshield.attacks.config import AttackConfig
 from kdshield.config import add_config_arguments, build_config, load_yaml
 from kdshield.data import DataConfig, TaskData
 from kdshield.errors import ConfigError
-from kdshield.models.adapters import AdapterConfig
+from kdshield.models.adapters import AdapterConfig, default_peft_lr
 from kdshield.models.loading import LOAD_DTYPES, QUANTIZE, LoadOptions, check_load_options
 from kdshield.runs import check_output_dir  # noqa: F401  (the commands' import point)
 from kdshield.training.loop import TrainConfig
@@ -111,6 +111,13 @@ def build_task(args: argparse.Namespace) -> tuple[TaskData, DataConfig]:
 def build_train(args: argparse.Namespace, **defaults) -> TrainConfig:
     section = {**defaults, **(yaml_sections(args).get("train") or {})}
     return build_config(TrainConfig, section, args, prefix="train")
+
+
+def build_peft(args: argparse.Namespace) -> tuple[AdapterConfig, TrainConfig]:
+    """The adapter and its training settings; without ``--train.lr`` or a ``train: lr`` entry, the
+    adapter's own default lr (``default_peft_lr``: prompt tuning and p-tuning train at 2e-3)."""
+    adapter = build_adapter(args)
+    return adapter, build_train(args, lr=default_peft_lr(adapter.kind))
 
 
 def train_run_settings(train_cfg: TrainConfig) -> dict:

@@ -22,10 +22,9 @@ from kdshield.cli.common import (
     add_data_args,
     add_model_safety_args,
     add_run_args,
-    build_adapter,
     build_attack,
+    build_peft,
     build_task,
-    build_train,
     check_output_dir,
     load_options,
     print_metrics,
@@ -38,7 +37,7 @@ from kdshield.defenses import DEFENSES, DefenseContext
 from kdshield.defenses.gen_methods import GEN_DEFENSE_NAMES
 from kdshield.errors import ConfigError
 from kdshield.evaluation import evaluate_model
-from kdshield.models.adapters import AdapterConfig, default_peft_lr
+from kdshield.models.adapters import AdapterConfig
 from kdshield.results import append_record, build_record
 from kdshield.runs import RunDir
 from kdshield.training.loop import TrainConfig
@@ -90,8 +89,7 @@ def run(args: argparse.Namespace) -> int:
     if args.method not in DEFENSES.names():
         raise ConfigError(f"--method {args.method} runs on generative (SFT) datasets only; for classification: "
                           f"{', '.join(DEFENSES.names())}")
-    adapter = build_adapter(args)
-    train_cfg = build_train(args, lr=default_peft_lr(adapter.kind))  # --train.lr / a train: section win
+    adapter, train_cfg = build_peft(args)
     # the load options are checked before the data loads (a quantised base on a machine without CUDA)
     options = load_options(args, full_training="adapter.kind=full" if adapter.kind == "full" else None)
     task, data_cfg = build_task(args)

@@ -16,10 +16,9 @@ from kdshield.cli.common import (
     add_data_args,
     add_model_safety_args,
     add_run_args,
-    build_adapter,
     build_attack,
+    build_peft,
     build_task,
-    build_train,
     check_output_dir,
     load_options,
     print_metrics,
@@ -29,7 +28,7 @@ from kdshield.cli.common import (
 from kdshield.config import add_config_arguments, config_to_dict
 from kdshield.defenses.base import Timer
 from kdshield.evaluation import evaluate_model, peak_rss_mb
-from kdshield.models.adapters import AdapterConfig, default_peft_lr
+from kdshield.models.adapters import AdapterConfig
 from kdshield.results import append_record, build_record
 from kdshield.runs import RunDir
 from kdshield.training.loop import TrainConfig
@@ -54,8 +53,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     if generative.is_generative(args):  # SFT data or a generator: kdshield.cli.generative
         return generative.run_finetune(args)
-    adapter = build_adapter(args)
-    train_cfg = build_train(args, lr=default_peft_lr(adapter.kind))  # --train.lr / a train: section win
+    adapter, train_cfg = build_peft(args)
     # the load options are checked before the data loads (a quantised base on a machine without CUDA)
     options = load_options(args, full_training="adapter.kind=full" if adapter.kind == "full" else None)
     task, data_cfg = build_task(args)
