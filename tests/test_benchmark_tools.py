@@ -53,3 +53,30 @@ def test_optimizer_benchmark_runs_both_implementations_to_the_same_weights(optim
     p = [torch.zeros(10, requires_grad=True)]
     p[0].grad = torch.ones(10)
     assert optimizer_step.time_updates(p, "fused", 2) > 0
+
+
+def _rec(method, asr, ca=0.85, poisoned=True, tag="", poison_hash="p1", adapter="lora", time="2026-12-02T00:00"):
+    return {"run": "bench", "method": method, "dataset": "toy", "proxy": "toy", "student": "s", "attack": "badnet",
+            "clean_label": True, "target_label": 0, "adapter": adapter, "poisoned_model": poisoned, "seed": 0,
+            "ca": ca, "asr": asr, "tag": tag, "poison_hash": poison_hash if poisoned else None,
+            "block_hash": "b1", "time": time, "config": {"method": {"teacher": "minilm-l6"}}}
+
+
+def test_defaults_table_matches_the_same_poisoning_and_counts_a_miss(tmp_path):
+    table = load_benchmark("defaults_table")
+    recs = [_rec("lora", 0.10, poisoned=False), _rec("none", 1.0), _rec("lora", 0.99, ca=0.86),
+            _rec("w2s", 0.12, ca=0.85),  # removal (1 - 0.12) / 0.9 = 0.98, CA 1 pt under: goal
+            _rec("w2s", 0.50, tag="variant"),  # tagged variants are not the defaults
+            _rec("lora", 0.99, ca=0.70, poison_hash="p2"), _rec("none", 1.0, poison_hash="p2"),
+            _rec("w2s", 0.15, ca=0.83, poison_hash="p2", adapter="prompt-tuning"),  # no prompt-tuning victim
+            _rec("lora", 0.99, ca=0.86, poison_hash="p3", adapter="p-tuning"), _rec("none", 1.0, poison_hash="p3"),
+            _rec("w2s", 0.12, ca=0.84, poison_hash="p3", adapter="p-tuning")]  # CA 2 pt under: a miss
+    path = tmp_path / "results.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    rows = {r["adapter"]: r for r in table.rows_of(path)}
+    assert len(rows) == 3
+    assert rows["lora"]["removal"] == pytest.approx(0.88 / 0.9) and rows["lora"]["goal"]
+    assert rows["prompt-tuning"]["plain_ca"] is None and not rows["prompt-tuning"]["passed"]
+    assert rows["p-tuning"]["ca_gap"] == pytest.approx(-0.02) and not rows["p-tuning"]["passed"]
+    text = table.table(list(rows.values()))
+    assert "3 cells with a record: 1 meet the line" in text and "**miss**" in text
