@@ -7,13 +7,13 @@ Reads the committed current-default records (``benchmarks/results/*.jsonl``: one
 see RESULTS.md "Records"), and for every untagged W2SDefense record on a poisoned model finds the
 plain-PEFT record of the same poisoned model and adapter (the victim it replaces), the poisoned
 model's ``none`` record and the floor (``kdshield.results.References``). Nothing is trained: the
-table is only as true as the records, and each row names its file, machine precision and commit.
+table is only as true as the records, and each row names its file, load dtype and commit.
 
 The line (issue 21): removal >= 0.90 with CA >= plain PEFT's - 1.5 pt; the goal: removal >= 0.97.
 A cell measured more than once (the Rotten Tomatoes BadNet grid ran on an fp32 and a bf16 machine)
 is counted once, by its latest record; the others are listed, unmarked, as a view of run-to-run
-spread. Cells of issue 21's list with no record are listed as "not run" so the count cannot look
-better than it is.
+spread. Cells of issue 21's list with no record are named in the summary line, so the count cannot
+look better than it is.
 """
 
 from __future__ import annotations
@@ -41,8 +41,7 @@ EXPECTED = [("rotten-tomatoes", "badnet", "lora"), ("rotten-tomatoes", "insent",
 
 
 def adapter_of(r: dict) -> str:
-    a = r.get("adapter")
-    return a.get("kind", "lora") if isinstance(a, dict) else (a or "lora")
+    return r.get("adapter") or "lora"  # records before prompt methods existed were all LoRA
 
 
 def _plain_peft(records: list[dict], w2s: dict) -> dict | None:
