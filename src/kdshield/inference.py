@@ -17,7 +17,6 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from kdshield import threads
 from kdshield.data.batching import collate, encode_dataset, epoch_batches
 from kdshield.profiling import phase
 
@@ -105,7 +104,6 @@ def predict(model, texts: Sequence[str], *, batch_size: int = 64, max_length: in
     model.eval()
     autocast = autocast_for(precision, device)
     for idx in tqdm(batches, desc=desc or "predict", disable=desc is None, mininterval=5):
-        threads.follow()  # see kdshield.threads
         batch = collate(enc, idx)
         with autocast:
             out = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device))

@@ -273,7 +273,6 @@ class RapDetector(ThresholdDetector):
     "perturbation = triggered)",
 )
 class Rap(Defense):
-    reads_victim = True
     name = "rap"
     config_class = RapConfig
     paper = RapDetector.paper

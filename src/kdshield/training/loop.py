@@ -28,7 +28,6 @@ from datasets import Dataset
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from kdshield import threads
 from kdshield.config import cfg_field, check_choice, check_range, config_to_dict
 from kdshield.data.batching import BatchDataset, Encoded, encode_dataset, epoch_batches
 from kdshield.errors import RunStateError
@@ -557,7 +556,6 @@ def train(model: torch.nn.Module, train_data: Dataset | None, config: TrainConfi
         t0 = time.perf_counter()
         pending = 0
         for batch in loader:
-            threads.follow()  # a grid's worker process may be handed more cores (kdshield.lanes)
             with phase("train step"):
                 batch = {k: v.to(accelerator.device) for k, v in batch.items()}
                 with accelerator.autocast():
