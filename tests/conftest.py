@@ -133,3 +133,12 @@ def load_benchmark(name: str):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+@pytest.fixture(autouse=True)
+def _grids_in_one_process(monkeypatch):
+    """Grids run their cells in this process unless a test asks for ``workers`` (monkeypatched
+    counters and registries live here, not in a spawned worker). ``bench.auto_lanes`` has its own test."""
+    import kdshield.bench as bench
+
+    monkeypatch.setattr(bench.GridRunner, "lanes_for", lambda self, tasks: self.cfg.workers or 1)

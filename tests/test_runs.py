@@ -418,7 +418,12 @@ def test_grid_plans_a_w2s_cell_above_a_lora_cell(tiny_llama_dir, tiny_bert_dir, 
     attack = runner._attack("badnet")
     lora, w2s, none = (block.cell_cost(m, attack) for m in ("lora", "w2s", "none"))
     assert w2s > 2 * lora > 0 and none > 0
-    assert len(runner._plan(block)) == 4  # the floor, then none / lora / w2s on the poisoned model
+    runner.blocks = [block]
+    tasks = runner.plan()  # the floor, the poisoning (with none's record), then lora and w2s after it
+    assert [(t.kind, t.method, t.poisoned) for t in tasks] == [("cell", "lora", False), ("poison", "none", True),
+                                                               ("cell", "lora", True), ("cell", "w2s", True)]
+    assert tasks[2].after == tasks[3].after == (tasks[1].key,) and not tasks[0].after
+    assert runner.cells_to_run == 4 and runner.cells_seen == 0
 
 
 def test_grid_trains_the_floor_once_for_every_attack(tiny_llama_dir, toy_csv, tmp_path, caplog):

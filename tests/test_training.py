@@ -212,3 +212,43 @@ def test_load_trained_weights_restores_the_selected_run(tiny_llama_dir, toy_data
         load_trained_weights(_model(tiny_llama_dir), tmp_path / "nothing")
     with pytest.raises(ValueError, match="which"):
         load_trained_weights(fresh, tmp_path / "run", which="first")
+
+
+def test_a_restart_for_more_threads_checkpoints_and_resumes_to_the_same_weights(tiny_bert_dir, toy_dataset,
+                                                                              tmp_path, monkeypatch):
+    """A grid worker offered more threads (kdshield.threads) stops between optimizer steps with a
+    checkpoint of the weights as they are, without waiting for the next checkpoint_every; the
+    training resumed from it ends where the uninterrupted one ends."""
+    from kdshield import threads
+
+    data = toy_dataset(80)
+    cfg = TrainConfig(epochs=2, lr=1e-3, batch_size=8, precision="fp32", checkpoint_every=50, checkpoint_min_s=0)
+    ref = _model(tiny_bert_dir)
+    train(ref, data, cfg, output_dir=tmp_path / "ref")
+
+    class Budget:
+        value = 1
+
+    budget = Budget()
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: None)  # this process keeps its threads
+    monkeypatch.setattr(threads, "_budget", None)  # restored after the test: no later test sees it
+    monkeypatch.setattr(threads, "_started_with", 0)
+    threads.attach(budget)
+    calls = {"n": 0}
+
+    def offering_loss(model, batch):
+        calls["n"] += 1
+        if calls["n"] == 13:  # mid second epoch, long before a checkpoint_every checkpoint
+            budget.value = 2
+        from kdshield.training.loop import ce_loss
+        return ce_loss(model, batch)
+
+    with pytest.raises(threads.Restart):
+        train(_model(tiny_bert_dir), data, cfg, loss_fn=offering_loss, output_dir=tmp_path / "run")
+    monkeypatch.setattr(threads, "_budget", None)  # the fresh process at the new count
+    fresh = _model(tiny_bert_dir)
+    res = train(fresh, data, cfg, output_dir=tmp_path / "run", resume=True)
+    assert res.resumed_from_step == 13
+    wr, wf = _weights(ref), _weights(fresh)
+    for n in wr:
+        assert torch.allclose(wr[n], wf[n], atol=1e-6), n

@@ -21,11 +21,13 @@ import dataclasses
 import json
 import logging
 import math
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
 from datasets import Dataset
 
 from kdshield import profiling
@@ -97,6 +99,14 @@ class GridConfig:
     quantize: str = cfg_field("none", help="Quantised base for the PEFT cells: none | 4bit (NF4, QLoRA) | 8bit. "
                                            "CUDA + bitsandbytes; weight poisoning never runs on it.",
                               choices=list(QUANTIZE))
+    workers: int | None = cfg_field(1, help="Cells run side by side in this many worker processes, the "
+                                             "cores split between them; a worker left with nothing to start "
+                                             "hands its cores to one still training, which resumes from a "
+                                             "checkpoint in a fresh process to take them (null: 2 on a CPU "
+                                             "with 2+ threads when two cells can run at once, else 1). "
+                                             "Default 1, one after another on every core: 2 lanes were not "
+                                             "faster on a 2-core fp32 CPU (RESULTS.md). Results do not "
+                                             "depend on it; cell times do.")
     tag: str = cfg_field("", help="Free label stored in every record (e.g. a tuning variant).")
     work_dir: str = cfg_field("runs/bench", help="Where poisoned models, adapters and checkpoints go.")
     out: str = cfg_field("benchmarks/results/bench.jsonl", help="Results JSONL (appended).")
@@ -118,6 +128,8 @@ class GridConfig:
         check_range("epochs", self.epochs, 1, 1000)
         check_range("poison_epochs", self.poison_epochs, 1, 1000)
         check_range("poison_checks", self.poison_checks, 1, 1000)
+        if self.workers is not None:
+            check_range("workers", self.workers, 1, 64)
         options = check_load_options(self.load_options)  # a 4-bit base without CUDA: an error before any work
         if self.adapter == "full":
             options.for_full_training("adapter=full")
@@ -129,6 +141,56 @@ class GridConfig:
 
 
 POISON_LOAD = LoadOptions(dtype="fp32")  # the attacker's full fine-tuning, whatever the defenses load in
+
+
+@dataclass(frozen=True)
+class GridTask:
+    """One unit of a grid's work, run in one process: a poisoning (``kind`` "poison"; ``method`` is
+    "none" when it also records the poisoned model's row) or a cell. ``after``: keys of the tasks
+    that must finish first; ``locks``: folders or caches it trains into that another task shares
+    (two tasks holding one lock never run at the same time)."""
+
+    key: str  # the cell's settings hash, or "poison-<hash of the poisoning's settings>"
+    kind: str
+    block: int  # index into ``GridRunner.blocks``
+    attack: str
+    method: str | None
+    poisoned: bool
+    after: tuple[str, ...] = ()
+    locks: tuple[str, ...] = ()
+    cost: float = 0.0  # planned relative cost (``_Block.cell_cost``)
+
+    def describe(self) -> str:
+        if self.kind == "poison":
+            return f"poisoning ({self.attack})"
+        return f"{self.method} on the {'poisoned' if self.poisoned else 'never-poisoned'} student ({self.attack})"
+
+
+def _can_overlap(tasks: list[GridTask]) -> bool:
+    """Whether two of ``tasks`` could ever run at the same time (no order between them, no shared lock)."""
+    before: dict[str, set[str]] = {}  # every task a task waits for, directly or not
+
+    def ancestors(t: GridTask) -> set[str]:
+        if t.key not in before:
+            by_key = {x.key: x for x in tasks}
+            found = set(t.after)
+            for k in t.after:
+                if k in by_key:
+                    found |= ancestors(by_key[k])
+            before[t.key] = found
+        return before[t.key]
+
+    return any(a.key not in ancestors(b) and b.key not in ancestors(a) and not set(a.locks) & set(b.locks)
+               for i, a in enumerate(tasks) for b in tasks[i + 1:])
+
+
+def auto_lanes(tasks: list[GridTask]) -> int:
+    """``workers: null``: two worker processes on a CPU with two or more threads when two of ``tasks``
+    can run at once, else one. A CUDA device or a distributed launch: one (the cells would share the
+    accelerator, not gain cores)."""
+    if torch.cuda.is_available() or int(os.environ.get("WORLD_SIZE", "1")) > 1 or torch.get_num_threads() < 2:
+        return 1
+    return 2 if _can_overlap(tasks) else 1
 
 
 def _split_dataset(spec: str) -> tuple[str, str | None]:
@@ -157,6 +219,7 @@ class CellRunner:
         self.cells_to_run = 0  # cells of this grid without a record, when counted before the first runs
         self.cell_costs: dict[str, float] = {}  # planned relative cost of each cell to run (``cell_cost``)
         self.cost_run = 0.0  # the planned cost of the cells that ran
+        self.lanes = 1  # worker processes running cells side by side (kdshield.lanes)
 
     def grid_records(self) -> list[dict]:
         """The records of this grid's cells (the latest per cell), in grid order: what its table shows,
@@ -180,6 +243,7 @@ class CellRunner:
             eta = self.run_s / self.cost_run * sum(c for h, c in self.cell_costs.items() if h not in self.done)
         else:  # no plan: the mean time of the cells run so far
             eta = self.run_s / self.cells_run * left
+        eta /= self.lanes  # cells side by side: each took longer, several at once
         progress = {"cell": self.cells_seen, "total": self.cells_total, "cell_s": cell_s,
                     "elapsed_s": time.perf_counter() - self.started, "eta_s": eta}
         log.info("cell %d/%d (%.0f s): %s", progress["cell"], progress["total"], cell_s,
@@ -202,25 +266,93 @@ class GridRunner(CellRunner):
         self.cfg = cfg
 
     def run(self) -> list[dict]:
-        blocks = [self.make_block(student, spec, seed) for student in self.cfg.students
-                  for spec in self.cfg.datasets for seed in self.cfg.seeds]
-        plan = [cell for block in blocks for cell in self._plan(block)]
-        self.cell_costs = {h: cost for h, cost in plan if h not in self.done}
-        self.cells_to_run = len(self.cell_costs)
-        for block in blocks:
-            self._run_block(block)
+        self.blocks = self.make_blocks()
+        tasks = self.plan()
+        lanes = self.lanes_for(tasks)
+        if lanes > 1:
+            from kdshield.lanes import run_in_lanes
+
+            run_in_lanes(self, tasks, lanes)
+        else:
+            for task in tasks:
+                self.run_task(task)
         return self.records
 
-    def _plan(self, block: _Block) -> list[tuple[str, float]]:
-        """(hash, planned cost) of every cell of ``block`` (the progress estimate counts the unrecorded ones)."""
-        cells = []
-        poison_train = self._poison_train(block)
-        for att in self.cfg.attacks:
-            attack = self._attack(att)
-            cells += [(block.cell_hash(m, attack, None), block.cell_cost(m, attack)) for m in self._clean_methods()]
-            _, poison = block.poisoning(attack, poison_train)
-            cells += [(block.cell_hash(m, attack, poison), block.cell_cost(m, attack)) for m in self.cfg.methods]
-        return cells
+    def make_blocks(self) -> list[_Block]:
+        return [self.make_block(student, spec, seed) for student in self.cfg.students
+                for spec in self.cfg.datasets for seed in self.cfg.seeds]
+
+    def plan(self) -> list[GridTask]:
+        """The grid's work not recorded yet, in grid order: per block and attack, the cells on the
+        never-poisoned student, then the poisoning (with the poisoned model's ``none`` record), then
+        the cells on the poisoned model. Also notes every cell's hash (the table's order), the cells
+        recorded before, and each cell's planned cost (the time-left estimate)."""
+        tasks: list[GridTask] = []
+        for b, block in enumerate(self.blocks):
+            poison_train = self._poison_train(block)
+            for att in self.cfg.attacks:
+                attack = self._attack(att)
+                for method in self._clean_methods():
+                    key = self._note(block.cell_hash(method, attack, None), block.cell_cost(method, attack))
+                    if key not in self.done:
+                        tasks.append(GridTask(key, "cell", b, att, method, poisoned=False,
+                                              locks=block.locks(method, attack, None),
+                                              cost=block.cell_cost(method, attack)))
+                _, poison = block.poisoning(attack, poison_train)
+                cells = [(m, self._note(block.cell_hash(m, attack, poison), block.cell_cost(m, attack)))
+                         for m in self.cfg.methods]
+                todo = [(m, h) for m, h in cells if h not in self.done]
+                if not todo:
+                    log.info("all cells of %s / %s done with these settings", block.common["dataset"],
+                             poison["attack"])
+                    continue
+                poison_key = f"poison-{settings_hash(poison)}"
+                tasks.append(GridTask(poison_key, "poison", b, att, "none" if "none" in dict(todo) else None,
+                                      poisoned=True, cost=block.cell_cost("none", attack)))
+                tasks += [GridTask(h, "cell", b, att, m, poisoned=True, after=(poison_key,),
+                                   locks=block.locks(m, attack, poison), cost=block.cell_cost(m, attack))
+                          for m, h in todo if m != "none"]
+        self.cells_to_run = len(self.cell_costs)
+        self.cells_seen = sum(1 for h in self.cell_hashes if h in self.done)
+        return tasks
+
+    def _note(self, key: str, cost: float) -> str:
+        self.cell_hashes.append(key)
+        if key not in self.done:
+            self.cell_costs[key] = cost
+        return key
+
+    def lanes_for(self, tasks: list[GridTask]) -> int:
+        """How many worker processes run the tasks: ``workers``, or ``auto_lanes`` when it is null."""
+        return self.cfg.workers if self.cfg.workers is not None else auto_lanes(tasks)
+
+    def run_task(self, task: GridTask) -> None:
+        """One task of ``plan`` in this process (its record goes through ``emit``)."""
+        block = self.blocks[task.block]
+        attack = self._attack(task.attack)
+        if task.kind == "poison":
+            self._poison(block, attack, record=task.method == "none")
+        elif not task.poisoned:
+            block.run_cell(task.method, block.common["student"], attack, None)
+        else:  # the poisoning task ran first (``after``): its model is on disk
+            _, settings = block.poisoning(attack, self._poison_train(block))
+            pdir = block.poison_dir(attack, settings)
+            block.run_cell(task.method, str(pdir / "model"), attack, settings, pdir)
+
+    def _poison(self, block: _Block, attack: AttackConfig, *, record: bool) -> None:
+        """Poison the student (or reuse the poisoned model made under the same settings)."""
+        _, settings = block.poisoning(attack, self._poison_train(block))
+        reset_peak_rss()  # the `none` record's peak is the poisoning's (or the reload's)
+        profiling.reset()
+        threads_start = torch.get_num_threads()
+        t_poison = time.perf_counter()
+        with profiling.phase("poison"):
+            poisoned = weight_poison(block.common["student"], block.task, attack, self._poison_train(block),
+                                     block.poison_dir(attack, settings), resume=True, data_dir=self.cfg.data_dir,
+                                     options=POISON_LOAD)
+        poison_s = time.perf_counter() - t_poison if poisoned.model is not None else None
+        if record:
+            block.record_poisoned(poisoned, attack, settings, poison_s, threads_start)
 
     def _attack(self, name: str) -> AttackConfig:
         return AttackConfig(attack=name, clean_label=self.cfg.clean_label, asr_target=self.cfg.asr_target)
@@ -271,41 +403,6 @@ class GridRunner(CellRunner):
                       tag=cfg.tag, n_train=len(task.split("train")), n_test=len(task.split("test")),
                       block_hash=block_hash)
         return _Block(self, task, work, adapter, peft_train, common, block)
-
-    def _run_block(self, block: _Block) -> None:
-        cfg = self.cfg
-        student = block.common["student"]
-        poison_train = self._poison_train(block)
-        for att in cfg.attacks:
-            attack = self._attack(att)
-            for method in self._clean_methods():
-                block.run_cell(method, student, attack, None)
-            _, settings = block.poisoning(attack, poison_train)
-            cells = [(m, block.cell_hash(m, attack, settings)) for m in cfg.methods]
-            todo = [m for m, h in cells if h not in self.done]
-            self.cells_seen += len(cells) - len(todo)
-            self.cell_hashes += [h for _, h in cells]
-            if not todo:
-                log.info("all cells of %s / %s done with these settings", block.common["dataset"],
-                         settings["attack"])
-                continue
-            poison_hash = settings_hash(settings)
-            pdir = block.work / f"poisoned-{settings['attack']}-{'clean' if attack.clean_label else 'dirty'}-" \
-                                f"{poison_hash[:8]}"
-            reset_peak_rss()  # the `none` record's peak is the poisoning's (or the reload's)
-            profiling.reset()
-            t_poison = time.perf_counter()
-            with profiling.phase("poison"):
-                poisoned = weight_poison(student, block.task, attack, poison_train, pdir, resume=True,
-                                         data_dir=cfg.data_dir, options=POISON_LOAD)
-            poison_s = time.perf_counter() - t_poison if poisoned.model is not None else None
-            for method in todo:
-                if method == "none":
-                    block.record_poisoned(poisoned, attack, settings, poison_s)
-                else:
-                    block.run_cell(method, str(poisoned.path), attack, settings, pdir)
-
-
 
 @dataclass
 class _Block:
@@ -375,27 +472,44 @@ class _Block:
                     target_label=attack.target_label, poisoned_model=poison is not None,
                     poison_hash=settings_hash(poison) if poison is not None else None)
 
+    def poison_dir(self, attack: AttackConfig, poison: dict) -> Path:
+        """Where the poisoned model of ``poison`` (its settings) and every cell on it live."""
+        return self.work / f"poisoned-{poison['attack']}-{'clean' if attack.clean_label else 'dirty'}-" \
+                           f"{settings_hash(poison)[:8]}"
+
+    def victim_dir(self, method: str, attack: AttackConfig, poison: dict | None) -> Path | None:
+        """The plain-PEFT training folder a cell shares with others, if any."""
+        if poison is not None:  # plain PEFT of this poisoned model, shared by every baseline that starts from it
+            return self.poison_dir(attack, poison) / f"lora-{self.cell_hash('lora', attack, poison)[:8]}" / "train"
+        if method == "lora":
+            # The floor's training reads no attack (its epoch is selected by dev CA alone), so one
+            # training per block serves every attack's floor; only the evaluation is the attack's.
+            _, planned = self._planned("lora", attack)
+            return self.work / f"floor-{self.adapter.kind}" / \
+                f"lora-train-{settings_hash({'block': self.settings, 'planned': planned})[:8]}"
+        return None
+
+    def locks(self, method: str, attack: AttackConfig, poison: dict | None) -> tuple[str, ...]:
+        """What a cell trains into that another cell may share: the plain-PEFT folder it reads
+        (``Defense.reads_victim``), the cache of the teacher it trains (``Defense.trains_teacher``)."""
+        defense = DEFENSES.get(method)
+        victim = self.victim_dir(method, attack, poison)
+        locks = [f"victim:{victim}"] if victim is not None and defense.reads_victim else []
+        if defense.trains_teacher:
+            locks.append(f"teacher:{method}")
+        return tuple(locks)
+
     def run_cell(self, method: str, model_ref: str, attack: AttackConfig, poison: dict | None,
                  pdir: Path | None = None) -> None:
         """One defense (or the floor: ``lora`` with ``poison`` None) on ``model_ref``, recorded."""
         cfg = self.runner.cfg
         key = self.cell_hash(method, attack, poison)
-        self.runner.cell_hashes.append(key)
-        if key in self.runner.done:
-            self.runner.cells_seen += 1
-            return
         defense = DEFENSES.get(method)
         mcfg = build_config(defense.config_class, cfg.method_config.get(method), prefix=f"method_config.{method}")
         root = pdir if pdir is not None else self.work / f"floor-{self.adapter.kind}"
         run_dir = root / f"{method}-{key[:8]}"
-        victim_dir = None
-        if pdir is not None:  # plain PEFT of this poisoned model, shared by every baseline that starts from it
-            victim_dir = pdir / f"lora-{self.cell_hash('lora', attack, poison)[:8]}" / "train"
-        elif method == "lora":
-            # The floor's training reads no attack (its epoch is selected by dev CA alone), so one
-            # training per block serves every attack's floor; only the evaluation is the attack's.
-            _, planned = self._planned("lora", attack)
-            victim_dir = root / f"lora-train-{settings_hash({'block': self.settings, 'planned': planned})[:8]}"
+        victim_dir = self.victim_dir(method, attack, poison)
+        threads_start = torch.get_num_threads()
         ctx = DefenseContext(student=model_ref, task=self.task, output_dir=run_dir, train=self.peft_train,
                              adapter=self.adapter, data_dir=cfg.data_dir, resume=True, attack=attack,
                              monitor=cfg.monitor, victim_dir=victim_dir, options=cfg.load_options,
@@ -421,6 +535,7 @@ class _Block:
                            curve=(res.detection or {}).get("curve"), wall_s=round(res.wall_s, 1),
                            eval_s=round(time.perf_counter() - t0 - res.wall_s, 1),
                            peak_rss_mb=round(peak_rss_mb()), trainable_params=res.trainable_params,
+                           threads={"start": threads_start, "end": torch.get_num_threads()},
                            unavailable=res.unavailable, settings_hash=key, run_dir=str(run_dir),
                            # plain PEFT trains in the shared folder (a finished training there is reused)
                            **({"train_dir": str(victim_dir)} if method == "lora" and victim_dir else {}),
@@ -429,7 +544,8 @@ class _Block:
                            logs=_small(res.logs), profile=profiling.profile())
         self.runner.emit(rec, time.perf_counter() - t0)
 
-    def record_poisoned(self, poisoned, attack: AttackConfig, poison: dict, poison_s: float | None) -> None:
+    def record_poisoned(self, poisoned, attack: AttackConfig, poison: dict, poison_s: float | None,
+                        threads_start: int | None = None) -> None:
         cfg = self.runner.cfg
         card = poisoned.card
         t0 = time.perf_counter()
@@ -441,6 +557,7 @@ class _Block:
                            **{**self.common, "load_dtype": card.get("load_dtype", "fp32")},
                            wall_s=round(card["wall_s"], 1), eval_s=round(time.perf_counter() - t0, 1),
                            peak_rss_mb=round(peak_rss_mb()), trainable_params=0,
+                           threads={"start": threads_start or torch.get_num_threads(), "end": torch.get_num_threads()},
                            settings_hash=self.cell_hash("none", attack, poison), run_dir=str(poisoned.path),
                            config={"poison": poison},
                            poison_card={k: card.get(k) for k in ("poisoned_samples", "proxy_samples", "dev_ca",

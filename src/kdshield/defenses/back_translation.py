@@ -318,6 +318,7 @@ def evaluate_eval_sets(
 
 class InputRewriting(Defense):
     """Plain PEFT + rewritten evaluation inputs (live model) or rewritten sets (precomputed)."""
+    reads_victim = True
 
     files: ClassVar[tuple[str, str]] = ("", "")
     needs: ClassVar[str] = ""

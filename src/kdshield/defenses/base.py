@@ -99,6 +99,10 @@ class Defense:
     config_class: ClassVar[type] = object
     paper: ClassVar[str] = ""
     description: ClassVar[str] = ""
+    # What a benchmark cell of this defense shares with other cells, so that a grid running cells side
+    # by side (kdshield.lanes) never runs two of them into the same folder at once:
+    reads_victim: ClassVar[bool] = False  # trains or reads plain PEFT of its suspect in ctx.victim_dir
+    trains_teacher: ClassVar[bool] = False  # trains a teacher into a cache other cells read
 
     def run(self, ctx: DefenseContext, config: Any) -> DefenseResult:  # pragma: no cover - abstract
         raise NotImplementedError

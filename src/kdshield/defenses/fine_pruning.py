@@ -329,6 +329,7 @@ def clean_sample(data: Dataset, n: int, seed: int) -> list[str]:
     "PEFT on clean data (Liu et al. 2018)",
 )
 class FinePruning(Defense):
+    reads_victim = True
     name = "fine-pruning"
     config_class = FinePruningConfig
     paper = (

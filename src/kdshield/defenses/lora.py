@@ -28,6 +28,7 @@ class PlainPEFTConfig:
 
 @DEFENSES.register("lora", "plain PEFT on clean data, no defense (the papers' LoRA / p-tuning rows)")
 class PlainPEFT(Defense):
+    reads_victim = True
     name = "lora"
     config_class = PlainPEFTConfig
     paper = "Hu et al. 2022 (LoRA); baseline row of W2SDefense Tables 1-3"

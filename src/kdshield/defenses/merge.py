@@ -243,6 +243,7 @@ def build_other(ctx: DefenseContext, config: MergeConfig) -> Path:
     "/ task arithmetic), then PEFT (Arora et al. 2024)",
 )
 class Merge(Defense):
+    reads_victim = True
     name = "merge"
     config_class = MergeConfig
     paper = (

@@ -409,6 +409,7 @@ def tune_threshold(
 
 @DEFENSES.register("onion", "ONION: drop words whose removal lowers LM perplexity (input-level)")
 class Onion(Defense):
+    reads_victim = True
     name = "onion"
     config_class = OnionConfig
     paper = (

@@ -244,6 +244,7 @@ def rejection_metrics(
     "confidence > 0.7 are flagged)",
 )
 class PSIMDefense(Defense):
+    reads_victim = True
     name = "psim"
     config_class = PSIMConfig
     paper = PSIMDetector.paper

@@ -132,6 +132,7 @@ class QuantizationConfig:
     "INT4/INT8 quantise-dequantise of the suspect's linear weights, then PEFT on clean data",
 )
 class Quantization(Defense):
+    reads_victim = True
     name = "quantization"
     config_class = QuantizationConfig
     # the paper cites "Li et al. 2024d" for this row, which in its bibliography is CleanGen (a

@@ -273,6 +273,7 @@ class RapDetector(ThresholdDetector):
     "perturbation = triggered)",
 )
 class Rap(Defense):
+    reads_victim = True
     name = "rap"
     config_class = RapConfig
     paper = RapDetector.paper

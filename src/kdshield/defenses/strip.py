@@ -338,6 +338,7 @@ class StripDetector(ThresholdDetector):
     "strip", "plain PEFT victim + STRIP detector (low entropy under word replacement = triggered)"
 )
 class Strip(Defense):
+    reads_victim = True
     name = "strip"
     config_class = StripConfig
     paper = StripDetector.paper

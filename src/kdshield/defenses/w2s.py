@@ -316,6 +316,7 @@ def make_w2s_loss_fn(teacher_logits: torch.Tensor, teacher_features: torch.Tenso
 @DEFENSES.register("w2s", "W2SDefense: small clean teacher distils CE + KD + feature alignment into the PEFT "
                           "student (Zhao et al. 2025)")
 class W2SDefense(Defense):
+    trains_teacher = True  # the teacher cache (one training per teacher, data and settings)
     name = "w2s"
     config_class = W2SConfig
     paper = ("Zhao et al., Unlearning Backdoor Attacks for LLMs with Weak-to-Strong Knowledge Distillation "

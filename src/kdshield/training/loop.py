@@ -28,6 +28,7 @@ from datasets import Dataset
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from kdshield import threads
 from kdshield.config import cfg_field, check_choice, check_range, config_to_dict
 from kdshield.data.batching import BatchDataset, Encoded, encode_dataset, epoch_batches
 from kdshield.errors import RunStateError
@@ -542,6 +543,14 @@ def train(model: torch.nn.Module, train_data: Dataset | None, config: TrainConfi
 
     saved_step = step if resume_dir.exists() and resume else None
     last_saved = time.perf_counter()
+
+    def save_now() -> None:  # the weights as they are now, for a resume (kdshield.threads.Restart)
+        nonlocal t0
+        if saved_step != step:
+            result.train_s += time.perf_counter() - t0
+            t0 = time.perf_counter()
+            ckpt.save(unwrapped, optimizer, scheduler, snapshot_state(), best, ema)
+        bar.close()
     model.train()
     bar = tqdm(total=total_steps, initial=step, desc=desc, disable=not accelerator.is_main_process,
                mininterval=2 if os.environ.get("CI") is None else 30, dynamic_ncols=True)
@@ -556,6 +565,8 @@ def train(model: torch.nn.Module, train_data: Dataset | None, config: TrainConfi
         t0 = time.perf_counter()
         pending = 0
         for batch in loader:
+            if pending == 0:  # between optimizer steps: a grid worker offered more cores restarts here
+                threads.check(lambda: save_now())
             with phase("train step"):
                 batch = {k: v.to(accelerator.device) for k, v in batch.items()}
                 with accelerator.autocast():
