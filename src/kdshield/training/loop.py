@@ -566,7 +566,7 @@ def train(model: torch.nn.Module, train_data: Dataset | None, config: TrainConfi
         pending = 0
         for batch in loader:
             if pending == 0:  # between optimizer steps: a grid worker offered more cores restarts here
-                threads.check(lambda: save_now())
+                threads.check(save_now)
             with phase("train step"):
                 batch = {k: v.to(accelerator.device) for k, v in batch.items()}
                 with accelerator.autocast():
