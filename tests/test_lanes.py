@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import kdshield.bench as bench
+import kdshield.lanes as lanes_module
 from kdshield.bench import GridTask, auto_lanes
 from kdshield.lanes import _Schedule, run_in_lanes, split_threads
 from kdshield.results import read_records
@@ -103,14 +104,25 @@ def test_a_failing_task_stops_the_grid_naming_its_log(tiny_llama_dir, toy_csv, t
 def test_w2s_cell_moved_to_more_threads_records_what_one_process_records(tiny_llama_dir, tiny_bert_dir, toy_csv,
                                                                          tmp_path, monkeypatch, bf16):
     """The quickstart's shape on tiny models, 2 threads: the floor beside the poisoning, then
-    W2SDefense (teacher training, cached teacher outputs, head refit) beside LoRA. W2SDefense (60
-    epochs) is still running when LoRA (1 epoch) ends, so it is offered LoRA's thread, checkpoints and resumes in a fresh
-    process at 2 threads. Every record equals the one-process run's, bf16 autocast included."""
+    W2SDefense (teacher training, cached teacher outputs, head refit) beside LoRA. W2SDefense is
+    offered a second thread as soon as it starts (in a real grid: when LoRA's lane goes idle; here
+    at once, so that the test does not race the tiny cells' speed), checkpoints at its next
+    optimizer step and resumes in a fresh process at 2 threads. Every record equals the
+    one-process run's, bf16 autocast included."""
     monkeypatch.setenv("KDSHIELD_CPU_BF16", bf16)  # the spawned workers inherit it
     w2s = {"w2s": {"teacher": str(tiny_bert_dir), "teacher_epochs": 1, "epochs": 60}}
     grid = dict(methods=["none", "lora", "w2s"], method_config=w2s)
     serial = bench.run_grid(_grid(tiny_llama_dir, toy_csv, tmp_path / "one", workers=1, **grid))
     monkeypatch.setattr(torch, "get_num_threads", lambda: 2)  # the supervisor's cores; workers set their own
+    dispatch = lanes_module._dispatch
+
+    def offer_w2s_a_thread_at_once(pool, schedule, workers, threads):
+        dispatch(pool, schedule, workers, threads)
+        for w in workers:
+            if w.task is not None and w.task.method == "w2s" and w.threads == 1 and not w.restarts:
+                w.budget.value = 2  # a worker keeps the count it started with: it restarts to take it
+
+    monkeypatch.setattr(lanes_module, "_dispatch", offer_w2s_a_thread_at_once)
     lanes = bench.run_grid(_grid(tiny_llama_dir, toy_csv, tmp_path / "two", workers=2, **grid))
     by_cell = {(r["method"], r["poisoned_model"]): r for r in serial}
     assert sorted(by_cell) == sorted((r["method"], r["poisoned_model"]) for r in lanes)

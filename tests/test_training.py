@@ -233,7 +233,7 @@ def test_a_restart_for_more_threads_checkpoints_and_resumes_to_the_same_weights(
     monkeypatch.setattr(torch, "set_num_threads", lambda n: None)  # this process keeps its threads
     monkeypatch.setattr(threads, "_budget", None)  # restored after the test: no later test sees it
     monkeypatch.setattr(threads, "_started_with", 0)
-    threads.attach(budget)
+    threads.attach(budget, 1)
     calls = {"n": 0}
 
     def offering_loss(model, batch):

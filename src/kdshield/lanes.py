@@ -93,7 +93,7 @@ class _Pool:
         lane.inbox = self.ctx.Queue()
         lane.threads = threads
         lane.process = self.ctx.Process(target=_worker, args=(self.cfg, lane.index, lane.inbox, self.results,
-                                                              lane.budget, str(lane.log_path)),
+                                                              lane.budget, threads, str(lane.log_path)),
                                         daemon=True, name=f"kdshield-lane-{lane.index + 1}")
         lane.process.start()
 
@@ -211,7 +211,7 @@ def _receive(runner, pool: _Pool, schedule: _Schedule, workers: list[_Lane]) -> 
                            f"cells are recorded: fix the cause and rerun the same command to resume.\n{payload}")
 
 
-def _worker(cfg: dict, lane: int, inbox, results, budget, log_path: str) -> None:
+def _worker(cfg: dict, lane: int, inbox, results, budget, threads_: int, log_path: str) -> None:
     """A lane's process: set its thread count, rebuild the grid from its config, then run the tasks
     it is sent until it gets None, or until a task asks for a restart at more threads."""
     stream = open(log_path, "a", buffering=1)  # noqa: SIM115 - open for the process's whole life
@@ -220,7 +220,7 @@ def _worker(cfg: dict, lane: int, inbox, results, budget, log_path: str) -> None
                         force=True)
     from kdshield import threads
 
-    threads.attach(budget)  # before any model work: the count this process keeps
+    threads.attach(budget, threads_)  # before any model work: the count this process keeps
     from kdshield.bench import GridConfig, GridRunner
     from kdshield.config import build_config
 

@@ -28,11 +28,14 @@ class Restart(BaseException):  # noqa: N818 - a request, not an error
     A BaseException, so that no ``except Exception`` on the way (a cell marked unavailable) takes it."""
 
 
-def attach(budget) -> None:
-    """Run this process at ``budget``'s current value, for the rest of its life."""
+def attach(budget, threads: int) -> None:
+    """Run this process at ``threads`` for the rest of its life; ``budget`` is what the supervisor
+    offers. The count is passed, not read from ``budget``: an offer raised while the process was
+    starting is then taken by a restart at the first optimizer step, and the supervisor's record of
+    the count a process runs at stays true."""
     global _budget, _started_with
     _budget = budget
-    _started_with = max(1, int(budget.value))
+    _started_with = max(1, int(threads))
     torch.set_num_threads(_started_with)
 
 
