@@ -162,10 +162,23 @@ class GenW2SConfig:
                                                   "clean base's features, per standardised teacher dimension, "
                                                   "times the rows; 0: plain least squares). Unused when teacher "
                                                   "and student share tokenizer and width.")
+    label_refit: bool = cfg_field(False, help="Label tasks only (not in the paper): after training, fit the "
+                                              "student's split between the label words anew, from zero, on its "
+                                              "hidden states at the first answer position of the clean train rows "
+                                              "(L2-regularised logistic regression; the label words' total "
+                                              "probability stays the model's). The generative twin of the "
+                                              "classification defense's head_refit (models/label_head.py). "
+                                              "Ignored, and recorded as such, on other tasks.")
+    label_refit_l2: float = cfg_field(1e-3, help="L2 weight of the label refit (mean cross-entropy + l2/2 * ||A||^2, "
+                                                 "as w2s.head_refit_l2).")
 
     # options added after results were keyed: they enter a key (grid cell, student run) only when set
     # away from their default, so adding one re-keys nothing already computed (``keyed_settings``)
-    KEYED_AWAY_FROM_DEFAULT: ClassVar[tuple[str, ...]] = ("projection_ridge", "weak_teacher")
+    KEYED_AWAY_FROM_DEFAULT: ClassVar[tuple[str, ...]] = ("projection_ridge", "weak_teacher", "label_refit",
+                                                          "label_refit_l2")
+    # options of what runs after the student's training: never part of the training's own key, so a
+    # finished training is resumed, not repeated, when only these change
+    AFTER_TRAINING: ClassVar[tuple[str, ...]] = ("label_refit", "label_refit_l2")
 
     def __post_init__(self):
         check_w2s_common(self)
@@ -181,6 +194,9 @@ class GenW2SConfig:
         check_range("w2s.teacher_batch_size", self.teacher_batch_size, 1, 65536)
         check_range("w2s.projection_ridge", self.projection_ridge, 0, 1e6)
         check_choice("w2s.weak_teacher", self.weak_teacher, WEAK_TEACHER)
+        if not isinstance(self.label_refit, bool):
+            raise ConfigError(f"w2s.label_refit must be true or false, got {self.label_refit!r}")
+        check_range("w2s.label_refit_l2", self.label_refit_l2, 0, 1e4)
 
 
 def keyed_settings(cfg: GenW2SConfig) -> dict:
@@ -566,6 +582,21 @@ def _checked_teacher(cfg: GenW2SConfig, data: SFTData, student: Generator, dev, 
     return teacher, check
 
 
+def _label_refit(student: Generator, data: SFTData, cfg: GenW2SConfig, dev, *, max_length: int,
+                 max_response_tokens: int | None, batch_size: int, encoded: Encoded) -> dict:
+    """``label_refit`` after the student's training: the fit's record, or why it did not run."""
+    from kdshield.defenses.label_refit import refit_label_head
+
+    if not data.is_label_task:
+        log.info("w2s: label_refit is on but %s is not a label task: nothing refit", data.name)
+        return {"skipped": "not a label task"}
+    with phase("label refit"):
+        dev_enc = encode_sft(student.tokenizer, dev, max_length=max_length, max_response_tokens=max_response_tokens) \
+            if dev is not None and len(dev) else None
+        return refit_label_head(student, encoded, num_labels=len(data.label_words), l2=cfg.label_refit_l2,
+                                dev=dev_enc, batch_size=batch_size)
+
+
 def gen_w2s_defend(suspect: str | Path, data: SFTData, cfg: GenW2SConfig, *, base: str, peft_train: TrainConfig,
                    adapter: AdapterConfig, output_dir: str | Path, max_response_tokens: int | None = None,
                    eval_batch_size: int = 16, resume: bool = True, options: LoadOptions = LoadOptions(),
@@ -613,11 +644,20 @@ def gen_w2s_defend(suspect: str | Path, data: SFTData, cfg: GenW2SConfig, *, bas
             result = train(student, None, train_cfg, encoded=encoded, loss_fn=loss_fn, eval_fn=eval_fn,
                            output_dir=output_dir / "train", resume=resume, desc="w2s", eval_epochs="last",
                            run_settings={"student": str(suspect), "adapter": config_to_dict(adapter),
-                                         "teacher": teacher.path.name, "w2s": keyed_settings(cfg)})
+                                         "teacher": teacher.path.name, "w2s": {
+                                             k: v for k, v in keyed_settings(cfg).items()
+                                             if k not in cfg.AFTER_TRAINING}})
+        refit = None
+        if cfg.label_refit:
+            refit = _label_refit(student, data, cfg, dev, max_length=train_cfg.max_length,
+                                 max_response_tokens=max_response_tokens, batch_size=eval_batch_size,
+                                 encoded=encoded)
     dev_nll = result.history[-1].get("nll") if result.history else None
     logs = {"teacher": teacher.describe(), "kd": kd, "teacher_s": round(t_teacher.s, 1),
             "student_s": round(t_student.s, 1), "wall_s": round(timer.s, 1), "dev_nll": dev_nll,
             "loss_terms": seen or None, "cache_floats": cache_floats, "teacher_check": check}
+    if refit is not None:
+        logs["label_refit"] = refit
     if first is not None:  # the weak teacher the defense replaced, and why
         logs["weak_teacher_replaced"] = first
     if teacher.kd_off:

@@ -35,6 +35,7 @@ from kdshield.models.loading import (
     warn_ignored_remote_code,
 )
 from kdshield.profiling import phase
+from kdshield.training.logistic import accuracy, fit_logistic
 
 log = logging.getLogger(__name__)
 
@@ -98,27 +99,11 @@ class ClassificationHead(nn.Module):
         if self.kind == "projection":
             x = torch.relu(x @ self.proj.weight.double().cpu().T + self.proj.bias.double().cpu())
 
-        def accuracy(w, b) -> float:
-            return round(float(((x @ w.T + b).argmax(1) == y).double().mean()), 4)
-
-        before = accuracy(self.out.weight.double().cpu(), self.out.bias.double().cpu())
-        weight = torch.zeros(self.num_labels, x.shape[1], dtype=torch.float64, requires_grad=True)
-        bias = torch.zeros(self.num_labels, dtype=torch.float64, requires_grad=True)
-        opt = torch.optim.LBFGS([weight, bias], lr=1.0, max_iter=max_iter, tolerance_grad=1e-9,
-                                tolerance_change=1e-12, history_size=20, line_search_fn="strong_wolfe")
-
-        def objective():
-            opt.zero_grad()
-            with torch.enable_grad():
-                loss = nn.functional.cross_entropy(x @ weight.T + bias, y) + 0.5 * l2 * weight.pow(2).sum()
-                loss.backward()
-            return loss
-
-        opt.step(objective)
-        loss = float(objective())
-        self.out.weight.copy_(weight.detach().to(self.out.weight))
-        self.out.bias.copy_(bias.detach().to(self.out.bias))
-        return {"train_acc_before": before, "train_acc_after": accuracy(weight.detach(), bias.detach()),
+        before = accuracy(x, y, self.out.weight, self.out.bias)
+        weight, bias, loss = fit_logistic(x, y, self.num_labels, l2, max_iter=max_iter)
+        self.out.weight.copy_(weight.to(self.out.weight))
+        self.out.bias.copy_(bias.to(self.out.bias))
+        return {"train_acc_before": before, "train_acc_after": accuracy(x, y, weight, bias),
                 "objective": round(loss, 5), "l2": l2, "n": int(y.numel())}
 
 

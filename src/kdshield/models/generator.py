@@ -48,6 +48,7 @@ from transformers import AutoModelForCausalLM
 
 from kdshield import assets
 from kdshield.errors import ConfigError, ModelLoadError
+from kdshield.models import label_head
 from kdshield.models.adapters import AdapterConfig
 from kdshield.models.classifier import FORMAT as CLASSIFIER_FORMAT
 from kdshield.models.classifier import META_FILE, _load_tokenizer, is_encoder_config
@@ -224,12 +225,25 @@ class Generator(nn.Module):
         return {"format": FORMAT, "task": "generation", "source": self.source, "adapter": self.adapter_spec,
                 "max_length": self.max_length, "max_new_tokens": self.max_new_tokens}
 
+    @property
+    def label_head(self):
+        """The answer split refit for a label task (``models.label_head``), None when there is none."""
+        return label_head.installed(self.model)
+
     @phase("model save")
     def save(self, path: str | Path, *, merge: bool = False) -> Path:
         """Safetensors only. With an adapter: ``adapter/`` alone (its base recorded), or merged into
         the weights with ``merge`` (LoRA; prompt tuning / p-tuning cannot merge: ConfigError)."""
         path = Path(path)
         meta = self.metadata()
+        head = label_head.remove(self.model)  # saved on its own: the weights keep their usual names
+        try:
+            return self._save(path, meta, merge, head)
+        finally:
+            if head is not None:
+                label_head.install(self.model, head.token_ids, head.split_weight, head.split_bias)
+
+    def _save(self, path: Path, meta: dict, merge: bool, head) -> Path:
         model = self.model
         if self.adapter_spec is not None and merge:
             if self.adapter_spec["kind"] != "lora":
@@ -243,6 +257,8 @@ class Generator(nn.Module):
         else:
             model.save_pretrained(str(path), safe_serialization=True)
         self.tokenizer.save_pretrained(str(path))
+        if head is not None:
+            meta["label_head"] = label_head.save(head, path)
         (path / META_FILE).write_text(json.dumps(meta, indent=2))
         return path
 
@@ -410,6 +426,8 @@ def load_generator(ref: str | Path, *, options: LoadOptions = LoadOptions(),
     # a local directory is recorded absolute: an adapter saved from it must find its base from anywhere
     local = Path(str(ref)).expanduser()
     gen.source = str(local.resolve()) if str(ref) not in assets.ASSETS and local.is_dir() else str(ref)
+    if meta is not None and meta.get("label_head"):
+        label_head.load(gen.model, path, meta["label_head"])
     if meta is not None:
         gen.max_length = meta.get("max_length")
         gen.max_new_tokens = meta.get("max_new_tokens") or DEFAULT_MAX_NEW_TOKENS
