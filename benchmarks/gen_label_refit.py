@@ -100,8 +100,9 @@ def main(argv=None) -> None:
                "eval_s": round(time.perf_counter() - t0 - fit_s, 1), "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
                "command": "python benchmarks/gen_label_refit.py " + " ".join(argv if argv is not None else sys.argv[1:])}
         append_record(args.out, new)
+        util = rec.get("utility_metric") or "exact_match"
         print(f"{rec['dataset']} {rec['attack']} w2s + label refit: ASR {old['asr']:.3f} -> {new['asr']:.3f}, "
-              f"{new.get('utility_metric') or 'utility'} {old.get('utility')} -> {new['utility']}; first-token "
+              f"{util} {old.get(util)} -> {new.get(util)}; first-token "
               f"accuracy train {info['train_before']['acc']:.3f} -> {info['train_after']['acc']:.3f}, dev "
               f"{info['dev_before']['acc']:.3f} -> {info['dev_after']['acc']:.3f} (fit {fit_s:.0f} s)", flush=True)
 
