@@ -43,3 +43,18 @@ def sft_data(n_train: int = 32, n_dev: int = 8, seed: int = 0):
 
     return SFTData(name="toy-sft", splits={"train": sft_rows(n_train, seed), "dev": sft_rows(n_dev, seed + 100),
                                            "test": sft_rows(n_dev, seed + 200)}, source="tests")
+
+
+def label_sft_data(n_train: int = 32, n_dev: int = 16):
+    """A label task (``label_words`` bad / good) of toy rows whose answer is the one word the
+    sentiment word in the input decides: train and dev splits."""
+    from kdshield.data.sft import SFTData, sft_dataset
+
+    def rows(n, seed):
+        cols = make_sft_rows(n, seed)
+        cols["output"] = ["good" if o.split()[-2] == "good" else "bad" for o in cols["output"]]
+        cols["label"] = [int(o == "good") for o in cols["output"]]
+        return sft_dataset(cols)
+
+    return SFTData(name="toy-label", splits={"train": rows(n_train, 0), "dev": rows(n_dev, 100)},
+                   source="tests", label_words=["bad", "good"])

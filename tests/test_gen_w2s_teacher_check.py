@@ -6,14 +6,13 @@ from __future__ import annotations
 
 import pytest
 
-from kdshield.data.sft import SFTData, sft_dataset
 from kdshield.defenses.w2s_teacher_check import majority_share, teacher_check, teacher_warning
 from kdshield.errors import DataError
 from kdshield.models.adapters import AdapterConfig
 from kdshield.models.generator import load_generator
 from kdshield.training.loop import TrainConfig
 from kdshield.training.sft import sft_finetune
-from tests.gen_fixtures import make_sft_rows
+from tests.gen_fixtures import label_sft_data
 
 MAX_LENGTH = 32
 
@@ -25,16 +24,9 @@ def test_majority_share_counts_normalised_answers():
         majority_share([])
 
 
-def _label_data(n_train: int, n_dev: int) -> SFTData:
+def _label_data(n_train: int, n_dev: int):
     """Toy rows whose answer is one word, good or bad (the sentiment word in the input decides)."""
-    def rows(n, seed):
-        cols = make_sft_rows(n, seed)
-        cols["output"] = ["good" if o.split()[-2] == "good" else "bad" for o in cols["output"]]
-        cols["label"] = [int(o == "good") for o in cols["output"]]
-        return sft_dataset(cols)
-
-    return SFTData(name="toy-label", splits={"train": rows(n_train, 0), "dev": rows(n_dev, 100)},
-                   source="tests", label_words=["bad", "good"])
+    return label_sft_data(n_train, n_dev)
 
 
 def test_the_check_reads_both_models_on_the_dev_rows(tiny_llama_dir):

@@ -7,7 +7,6 @@ import pytest
 import torch
 
 from kdshield.data.batching import collate
-from kdshield.data.sft import SFTData, sft_dataset
 from kdshield.defenses.label_refit import answer_features, first_answer_tokens, refit_label_head
 from kdshield.errors import ConfigError, ModelLoadError
 from kdshield.models import label_head
@@ -15,20 +14,13 @@ from kdshield.models.adapters import AdapterConfig
 from kdshield.models.generator import attach_generator_adapter, load_generator
 from kdshield.training.logistic import fit_logistic
 from kdshield.training.sft import encode_sft
-from tests.gen_fixtures import make_sft_rows
+from tests.gen_fixtures import label_sft_data
 
 MAX_LENGTH = 40
 
 
-def _label_data(n_train: int = 32, n_dev: int = 16) -> SFTData:
-    def rows(n, seed):
-        cols = make_sft_rows(n, seed)
-        cols["output"] = ["good" if o.split()[-2] == "good" else "bad" for o in cols["output"]]
-        cols["label"] = [int(o == "good") for o in cols["output"]]
-        return sft_dataset(cols)
-
-    return SFTData(name="toy-label", splits={"train": rows(n_train, 0), "dev": rows(n_dev, 100)},
-                   source="tests", label_words=["bad", "good"])
+def _label_data(n_train: int = 32, n_dev: int = 16):
+    return label_sft_data(n_train, n_dev)
 
 
 def _encoded(gen, data, split="train"):
