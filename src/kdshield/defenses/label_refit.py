@@ -1,6 +1,7 @@
 """Fit a generator's label head (``models.label_head``) on clean rows of a label task.
 
-    info = refit_label_head(gen, data, l2=1e-3, max_length=80)
+    train = encode_sft(gen.tokenizer, data.split("train"), max_length=80)
+    info = refit_label_head(gen, train, num_labels=len(data.label_words), l2=1e-3, dev=dev_encoded)
 
 The features are the inputs of the output layer at the position that emits the first answer token
 (captured with a hook, so they are exactly what the layer reads, final norm included), for every
@@ -20,11 +21,10 @@ import torch
 from kdshield.data.batching import Encoded, collate, epoch_batches
 from kdshield.errors import ConfigError
 from kdshield.models import label_head
+from kdshield.models.generator import IGNORE_INDEX
 from kdshield.training.logistic import accuracy, fit_logistic
 
 log = logging.getLogger(__name__)
-
-IGNORE_INDEX = -100
 
 
 def first_answer_tokens(encoded: Encoded, num_labels: int) -> list[int]:
@@ -52,9 +52,7 @@ def first_answer_tokens(encoded: Encoded, num_labels: int) -> list[int]:
 @torch.no_grad()
 def answer_features(gen, encoded: Encoded, *, batch_size: int = 16) -> torch.Tensor:
     """``[N, H]``: the output layer's input at each row's first answer position, in row order."""
-    lm = label_head.causal_lm(gen.model)
-    layer = lm.get_output_embeddings()
-    layer = layer.base if isinstance(layer, label_head.LabelHead) else layer
+    layer = label_head.output_layer(gen.model)
     grabbed: list[torch.Tensor] = []
     hook = layer.register_forward_hook(lambda _m, args, _out: grabbed.append(args[0].detach().float().cpu()))
     was_training = gen.training
@@ -95,8 +93,7 @@ def refit_label_head(gen, train: Encoded, *, num_labels: int, l2: float, dev: En
     tokens = first_answer_tokens(train, num_labels)
     x = answer_features(gen, train, batch_size=batch_size)
     y = torch.as_tensor(train.labels)
-    lm_rows = label_head.causal_lm(gen.model).get_output_embeddings()
-    lm_rows = (lm_rows.base if isinstance(lm_rows, label_head.LabelHead) else lm_rows).weight
+    lm_rows = label_head.output_layer(gen.model).weight
     old_w = lm_rows[torch.as_tensor(tokens, device=lm_rows.device)].detach().float().cpu()
     old_b = torch.zeros(num_labels)
     x_dev = answer_features(gen, dev, batch_size=batch_size) if dev is not None and len(dev) else None

@@ -3,9 +3,9 @@
 On a label task (the answer is one of ``SFTData.label_words``, e.g. "negative" / "positive") a
 causal LM chooses the answer with its output layer, at the position that emits the first answer
 token: the rows of ``lm_head`` for the label words' first tokens read the last hidden state there.
-After clean fine-tuning those rows still carry what the poisoning wrote into them: weights along
-directions that clean rows leave unused get no gradient, and a trigger that moves the hidden state
-along such a direction still moves the answer. The classification defense removes that part by
+After clean fine-tuning those rows can still carry what the poisoning wrote into them: weights
+along directions that clean rows leave unused get no gradient, and a trigger that moves the hidden
+state along such a direction still moves the answer. The classification defense removes that part by
 fitting the output layer anew, from zero (``W2SConfig.head_refit``); this module is the same step
 for a generator.
 
@@ -82,13 +82,16 @@ def installed(model: nn.Module) -> LabelHead | None:
     return head if isinstance(head, LabelHead) else None
 
 
+def output_layer(model: nn.Module) -> nn.Module:
+    """``model``'s own output layer: the one a label head wraps, or the installed one if none does."""
+    current = causal_lm(model).get_output_embeddings()
+    return current.base if isinstance(current, LabelHead) else current
+
+
 def install(model: nn.Module, token_ids, weight: torch.Tensor, bias: torch.Tensor) -> LabelHead:
     """Wrap ``model``'s output layer (replacing an earlier label head, never stacking one on it)."""
-    lm = causal_lm(model)
-    current = lm.get_output_embeddings()
-    base = current.base if isinstance(current, LabelHead) else current
-    head = LabelHead(base, token_ids, weight, bias)
-    lm.set_output_embeddings(head)
+    head = LabelHead(output_layer(model), token_ids, weight, bias)
+    causal_lm(model).set_output_embeddings(head)
     return head
 
 
