@@ -37,7 +37,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from diag_label_margin import margins, model_paths  # noqa: E402
+from diag_label_margin import load_label_cell, margins  # noqa: E402
 
 LAYER_PART = re.compile(r"layers\.(\d+)\.(self_attn|mlp)\.")
 
@@ -61,31 +61,14 @@ def main(argv=None) -> None:
     import torch
 
     from kdshield.attacks.sft_attack import sft_attack_sets
-    from kdshield.cli.bench import parse_overrides
-    from kdshield.config import build_config, load_yaml
     from kdshield.errors import ConfigError
-    from kdshield.generation.grid import GenGridConfig, GenGridRunner, _GenBlock, parse_attack
     from kdshield.models.generator import load_generator
 
-    cfg = build_config(GenGridConfig, {**load_yaml(args.config), **parse_overrides(args.set)})
-    records_path = Path(args.records or cfg.out)
-    records = [json.loads(line) for line in records_path.read_text().splitlines() if line.strip()]
-    paths = model_paths(records, args.poison_hash)
-    if "none" not in paths:
-        raise SystemExit(f"no `none` record with poison_hash {args.poison_hash} in {records_path}")
-    none = next(r for r in records if r.get("poison_hash") == args.poison_hash and r["method"] == "none")
-    card = json.loads((Path(none["run_dir"]) / "kdshield_card.json").read_text())
-    attack = parse_attack(card["attack_config"])
+    cell = load_label_cell(args.config, args.set, args.records, args.poison_hash)
+    cfg, paths, none, attack, data, target = cell.cfg, cell.paths, cell.none, cell.attack, cell.data, cell.target
+    others = [cell.other]
     if args.words and attack.attack != "badnet":
         raise ConfigError(f"--words replaces a BadNet trigger word; this attack is {attack.attack!r} (pass --words)")
-    data = _GenBlock(GenGridRunner(cfg), none["student"], none["dataset"], none["seed"]).data
-    made = attack.make_target()
-    if not data.is_label_task or made.name != "label":
-        raise ConfigError("the answer margin needs a label task attacked with a label target")
-    target = made.config.word
-    others = [w for w in data.label_words if w != target]
-    if len(others) != 1:
-        raise ConfigError(f"the margin needs two labels, the target and one other; got {target!r} and {others}")
     kw = dict(max_length=cfg.max_length, max_response_tokens=cfg.max_response_tokens)
     gen = load_generator(paths["none"])
 

@@ -19,6 +19,7 @@ import argparse
 import json
 import statistics
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -62,22 +63,33 @@ def margins(gen, rows, target: str, other: str, *, max_length: int, max_response
     return [a - b for a, b in zip(o, t)]
 
 
-def main(argv=None) -> None:
-    args = parse_args(argv)
-    from kdshield.attacks.sft_attack import sft_attack_sets
+@dataclass
+class LabelCell:
+    """One recorded poisoned model of a generative label grid, with the grid's data rebuilt (no work)."""
+
+    cfg: object  # the GenGridConfig
+    records: list[dict]
+    paths: dict[str, Path]  # name -> generator directory (model_paths)
+    none: dict  # the `none` record: the poisoned model as it is
+    attack: object  # the SFTAttackConfig as it ran (the poisoned model's card)
+    data: object  # the grid's SFTData
+    target: str  # the attack's label word
+    other: str  # the other label word
+
+
+def load_label_cell(config: str, overrides: list[str], records: str | None, poison_hash: str) -> LabelCell:
     from kdshield.cli.bench import parse_overrides
     from kdshield.config import build_config, load_yaml
     from kdshield.errors import ConfigError
     from kdshield.generation.grid import GenGridConfig, GenGridRunner, _GenBlock, parse_attack
-    from kdshield.models.generator import load_generator
 
-    cfg = build_config(GenGridConfig, {**load_yaml(args.config), **parse_overrides(args.set)})
-    records_path = Path(args.records or cfg.out)
-    records = [json.loads(line) for line in records_path.read_text().splitlines() if line.strip()]
-    paths = model_paths(records, args.poison_hash)
+    cfg = build_config(GenGridConfig, {**load_yaml(config), **parse_overrides(overrides)})
+    records_path = Path(records or cfg.out)
+    rows = [json.loads(line) for line in records_path.read_text().splitlines() if line.strip()]
+    paths = model_paths(rows, poison_hash)
     if "none" not in paths:
-        raise SystemExit(f"no `none` record with poison_hash {args.poison_hash} in {records_path}")
-    none = next(r for r in records if r.get("poison_hash") == args.poison_hash and r["method"] == "none")
+        raise SystemExit(f"no `none` record with poison_hash {poison_hash} in {records_path}")
+    none = next(r for r in rows if r.get("poison_hash") == poison_hash and r["method"] == "none")
     card = json.loads((Path(none["run_dir"]) / "kdshield_card.json").read_text())  # the attack as it ran
     attack = parse_attack(card["attack_config"])
     block = _GenBlock(GenGridRunner(cfg), none["student"], none["dataset"], none["seed"])  # the grid's data, no work
@@ -91,6 +103,17 @@ def main(argv=None) -> None:
     others = [w for w in data.label_words if w != target]
     if len(others) != 1:
         raise ConfigError(f"the margin needs two labels, the target and one other; got {target!r} and {others}")
+    return LabelCell(cfg, rows, paths, none, attack, data, target, others[0])
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    from kdshield.attacks.sft_attack import sft_attack_sets
+    from kdshield.models.generator import load_generator
+
+    cell = load_label_cell(args.config, args.set, args.records, args.poison_hash)
+    cfg, paths, none, attack, data, target = cell.cfg, cell.paths, cell.none, cell.attack, cell.data, cell.target
+    others = [cell.other]
     sets = sft_attack_sets(data, attack, split=args.split, seed=none["seed"])
     clean, trig = list(sets.clean), list(sets.triggered)
     kw = dict(max_length=cfg.max_length, max_response_tokens=cfg.max_response_tokens)
