@@ -37,17 +37,14 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from diag_label_margin import load_label_cell, margins  # noqa: E402
+from diag_label_margin import add_cell_args, load_label_cell, margins  # noqa: E402
 
 LAYER_PART = re.compile(r"layers\.(\d+)\.(self_attn|mlp)\.")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", required=True, help="the generative grid config the records came from")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a grid key")
-    p.add_argument("--poison-hash", required=True, help="the poisoned model's poison_hash in the records")
-    p.add_argument("--records", default=None, help="records JSONL (default: the config's out)")
+    add_cell_args(p)
     p.add_argument("--base", default=None, help="the clean base the attacker fine-tuned (default: the record's student)")
     p.add_argument("--words", nargs="*", default=["cf", "bb", "nm", "the", "movie"],
                    help="words to insert in the trigger's place (BadNet attacks only)")

@@ -25,12 +25,17 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_cell_args(p: argparse.ArgumentParser) -> None:
+    """The options naming one recorded label cell (``load_label_cell``'s arguments)."""
     p.add_argument("--config", required=True, help="the generative grid config the records came from")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a grid key")
     p.add_argument("--poison-hash", required=True, help="the poisoned model's poison_hash in the records")
     p.add_argument("--records", default=None, help="records JSONL (default: the config's out)")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_cell_args(p)
     p.add_argument("--split", default="dev", choices=["dev", "test"])
     p.add_argument("--models", nargs="+", default=None,
                    help="score only these names (method, method[tag], method[tag]-teacher; default: all)")
