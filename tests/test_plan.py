@@ -152,8 +152,10 @@ def _saved_bytes(mode: str, dtype: torch.dtype, autocast: bool, padded: bool, ch
         model.requires_grad_(False)
         model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
     if checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.enable_input_require_grads()
+        # the product's path (transformers 5's activation_checkpointing_enable, non-reentrant)
+        from kdshield.training.memory import enable_activation_checkpointing
+
+        assert enable_activation_checkpointing(model, "on")
     model.train()
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     seen: dict[int, int] = {}
