@@ -266,6 +266,11 @@ class GridRunner(CellRunner):
         self.cfg = cfg
 
     def run(self) -> list[dict]:
+        if self.cfg.adapter == "lora":  # a misspelt target fails here, not after a poisoning
+            from kdshield.models.adapters import check_lora_targets
+
+            for student in self.cfg.students:
+                check_lora_targets(student, self.cfg.lora_targets, what="lora_targets")
         self.blocks = self.make_blocks()
         tasks = self.plan()
         lanes = self.lanes_for(tasks)

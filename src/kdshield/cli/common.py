@@ -129,6 +129,15 @@ def train_run_settings(train_cfg: TrainConfig) -> dict:
     return {k: v for k, v in config_to_dict(train_cfg).items() if k != "activation_checkpointing"}
 
 
+def check_adapter_targets(model_ref, adapter: AdapterConfig, options) -> None:
+    """A LoRA adapter's target modules checked against the model's linear layers before any work
+    (``kdshield.models.adapters.check_lora_targets``)."""
+    if adapter.kind == "lora":
+        from kdshield.models.adapters import check_lora_targets
+
+        check_lora_targets(model_ref, adapter.target_modules, trust_remote_code=options.trust_remote_code)
+
+
 def build_adapter(args: argparse.Namespace) -> AdapterConfig:
     return build_config(AdapterConfig, yaml_sections(args).get("adapter"), args, prefix="adapter")
 

@@ -24,6 +24,7 @@ from kdshield.cli.common import (
     add_run_args,
     build_attack,
     build_peft,
+    check_adapter_targets,
     build_task,
     check_output_dir,
     load_options,
@@ -92,6 +93,7 @@ def run(args: argparse.Namespace) -> int:
     adapter, train_cfg = build_peft(args)
     # the load options are checked before the data loads (a quantised base on a machine without CUDA)
     options = load_options(args, full_training="adapter.kind=full" if adapter.kind == "full" else None)
+    check_adapter_targets(args.student, adapter, options)
     task, data_cfg = build_task(args)
     attack = build_attack(args)
     defense = DEFENSES.get(args.method)

@@ -30,6 +30,7 @@ from kdshield.cli import generative as gen_cli
 from kdshield.cli.common import (
     build_adapter,
     build_train,
+    check_adapter_targets,
     check_output_dir,
     results_path,
     train_run_settings,
@@ -139,6 +140,12 @@ def run_defend(args: argparse.Namespace) -> int:
         args, full_training="adapter.kind=full" if adapter.kind == "full" else None)
     mcfg = build_config(_configs()[args.method], yaml_sections(args).get(args.method), args,
                         prefix=args.method)
+    check_adapter_targets(args.student, adapter, options)
+    if getattr(mcfg, "lora_targets", None) is not None and adapter.kind == "lora":
+        from kdshield.models.adapters import check_lora_targets
+
+        check_lora_targets(args.student, mcfg.lora_targets, trust_remote_code=options.trust_remote_code,
+                           what=f"{args.method}.lora_targets")
     attack = gen_cli.build_sft_attack(args)
     results = results_path(args)
     check_output_dir(results.parent, "--results")

@@ -146,6 +146,10 @@ class GenW2SConfig:
     lora_r: int | None = cfg_field(16, help="LoRA rank of the student's adapter (none: the shared rank); LoRA "
                                             "adapters only.")
     lora_alpha: float | None = cfg_field(32.0, help="LoRA alpha of the student's adapter (none: the shared one).")
+    lora_targets: list[str] | None = cfg_field(None, help="Modules the student's LoRA adapts, e.g. [q_proj, k_proj, "
+                                                          "v_proj, o_proj, gate_proj, up_proj, down_proj] or "
+                                                          "[all-linear] (none: the shared targets, peft's q_proj / "
+                                                          "v_proj for Llama). Plain LoRA keeps the shared ones.")
     seed: int | None = cfg_field(None, help="Seed of the student's training (none: the shared seed). The teacher "
                                             "keeps the shared seed, so its cache is reused.")
     teacher_epochs: int = cfg_field(3, help="Epochs of the teacher's full SFT.")
@@ -175,7 +179,7 @@ class GenW2SConfig:
     # options added after results were keyed: they enter a key (grid cell, student run) only when set
     # away from their default, so adding one re-keys nothing already computed (``keyed_settings``)
     KEYED_AWAY_FROM_DEFAULT: ClassVar[tuple[str, ...]] = ("projection_ridge", "weak_teacher", "label_refit",
-                                                          "label_refit_l2")
+                                                          "label_refit_l2", "lora_targets")
     # options of what runs after the student's training: never part of the training's own key, so a
     # finished training is resumed, not repeated, when only these change
     AFTER_TRAINING: ClassVar[tuple[str, ...]] = ("label_refit", "label_refit_l2")
@@ -197,6 +201,8 @@ class GenW2SConfig:
         if not isinstance(self.label_refit, bool):
             raise ConfigError(f"w2s.label_refit must be true or false, got {self.label_refit!r}")
         check_range("w2s.label_refit_l2", self.label_refit_l2, 0, 1e4)
+        if self.lora_targets is not None and not self.lora_targets:
+            raise ConfigError("w2s.lora_targets is an empty list; give module names, or null for the shared targets")
 
 
 def keyed_settings(cfg: GenW2SConfig) -> dict:
@@ -533,12 +539,14 @@ def make_gen_w2s_loss_fn(cfg: GenW2SConfig, *, kd: bool, seen: dict | None = Non
 def student_settings(cfg: GenW2SConfig, peft_train: TrainConfig, adapter: AdapterConfig,
                      ) -> tuple[TrainConfig, AdapterConfig]:
     """The student's training and adapter settings: the shared ones with this defense's own
-    (lr, epochs, schedule, seed, LoRA rank / alpha); the last epoch's weights are kept."""
+    (lr, epochs, schedule, seed, LoRA rank / alpha / targets); the last epoch's weights are kept."""
     overrides = {k: v for k, v in (("lr", cfg.lr), ("epochs", cfg.epochs), ("schedule", cfg.schedule),
                                     ("seed", cfg.seed)) if v is not None}
     train_cfg = dataclasses.replace(peft_train, select_best=False, **overrides)
     if adapter.kind == "lora":
         changes = {k: v for k, v in (("r", cfg.lora_r), ("lora_alpha", cfg.lora_alpha)) if v is not None}
+        if cfg.lora_targets is not None:
+            changes["target_modules"] = list(cfg.lora_targets)
         adapter = dataclasses.replace(adapter, **changes)
     return train_cfg, adapter
 
@@ -606,6 +614,11 @@ def gen_w2s_defend(suspect: str | Path, data: SFTData, cfg: GenW2SConfig, *, bas
     the shared PEFT settings, which this defense's own options override (``student_settings``)."""
     output_dir = Path(output_dir)
     train_cfg, adapter = student_settings(cfg, peft_train, adapter)
+    if adapter.kind == "lora":  # a misspelt target fails before the teacher's training, not after it
+        from kdshield.models.adapters import check_lora_targets
+
+        check_lora_targets(suspect, adapter.target_modules, trust_remote_code=options.trust_remote_code,
+                           what="w2s.lora_targets" if cfg.lora_targets is not None else "adapter.target_modules")
     with Timer() as timer:
         torch.manual_seed(train_cfg.seed)  # adapter initialisation
         student = load_generator(suspect, options=options)

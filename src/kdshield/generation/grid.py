@@ -176,6 +176,11 @@ class GenGridRunner(CellRunner):
         self.cfg = cfg
 
     def run(self) -> list[dict]:
+        from kdshield.models.adapters import check_lora_targets
+
+        for student in self.cfg.students:  # a misspelt target fails here, not after a poisoning
+            if self.cfg.adapter == "lora":
+                check_lora_targets(student, self.cfg.lora_targets, what="lora_targets")
         for student in self.cfg.students:
             for dataset in self.cfg.datasets:
                 for seed in self.cfg.seeds:

@@ -65,6 +65,47 @@ class AdapterConfig:
         return config_to_dict(self)
 
 
+def linear_module_names(model_ref: str | Path, trust_remote_code: bool = False) -> set[str] | None:
+    """The dotted names of the linear layers (what LoRA can adapt) of the model at ``model_ref``,
+    read from its ``config.json`` alone: the architecture is built on the meta device, so no weight
+    is read or allocated. None when no local config can be read (a hub id without a network, a
+    kdshield adapter directory): the adapter's own attach reports a bad target then."""
+    from transformers import AutoConfig, AutoModel
+    from transformers.pytorch_utils import Conv1D
+
+    path = Path(str(model_ref)).expanduser()
+    if not (path / "config.json").is_file():
+        return None
+    try:
+        config = AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code, local_files_only=True)
+        with torch.device("meta"):
+            model = AutoModel.from_config(config, trust_remote_code=trust_remote_code)
+    except Exception:  # an architecture transformers cannot build from its config: leave it to the load
+        return None
+    return {name for name, module in model.named_modules() if isinstance(module, (torch.nn.Linear, Conv1D))}
+
+
+def check_lora_targets(model_ref: str | Path, targets, *, trust_remote_code: bool = False,
+                       what: str = "adapter.target_modules") -> None:
+    """Before any work: every LoRA target names a linear layer of the model (peft's rule: the
+    layer's dotted name equals the target or ends with ``.target``). peft itself says so only when
+    the adapter is added, which in a grid or a W2SDefense run comes after a poisoning or a
+    teacher's training. ``all-linear`` is peft's own shorthand and always passes."""
+    targets = [str(t) for t in (targets or [])]
+    if not targets or targets == ["all-linear"]:
+        return
+    from kdshield.models.loading import resolve_model_ref
+
+    names = linear_module_names(resolve_model_ref(model_ref), trust_remote_code=trust_remote_code)
+    if names is None:
+        return
+    unknown = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
+    if unknown:
+        leaves = sorted({n.rsplit(".", 1)[-1] for n in names})
+        raise ConfigError(f"{what}: {', '.join(unknown)} {'is not a linear layer' if len(unknown) == 1 else 'are not linear layers'} "
+                          f"of {model_ref}; its linear layers are {', '.join(leaves)} (or all-linear for every one)")
+
+
 def _peft_config(cfg: AdapterConfig, model_config):
     from peft import LoraConfig, PromptEncoderConfig, PromptTuningConfig, TaskType
 
