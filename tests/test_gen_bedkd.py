@@ -118,6 +118,19 @@ def test_flags_far_frr_and_the_curve_on_known_scores():
     assert unknown.far is None and unknown.frr is None and unknown.curve is None
 
 
+def test_detection_warnings_tell_a_dmm_that_did_not_learn_from_a_mostly_poisoned_set():
+    warn = mepd_module.detection_warnings
+    assert warn(0.3, 0.9, 0.1) == []  # a DMM that learned, a minority flagged: nothing to say
+    stuck = warn(0.8, 0.2, 0.1)  # the DMM moved few of its own clean rows: it did not learn
+    assert len(stuck) == 2 and "moved only 20%" in stuck[0] and "raise dmm_lr" in stuck[0]
+    assert "probably kept the clean mapping" in stuck[1]
+    # the DMM learned (every own clean row moved) and half the rows are flagged, as on bbc-lead BadNet,
+    # where the attacker poisoned half: the warning must not blame the DMM
+    learned = warn(82 / 160, 1.0, 0.1)
+    assert len(learned) == 1 and "kept the clean mapping" not in learned[0]
+    assert "51%" in learned[0] and "most rows are poisoned or gamma is too high" in learned[0]
+
+
 def test_the_punish_term_is_bounded_no_gradient_past_the_bound():
     torch.manual_seed(0)
     logits = (torch.randn(8, 10) * 4).requires_grad_(True)

@@ -322,6 +322,30 @@ def train_dmm(suspect: Generator, rows: Dataset, cfg: GenBeDKDConfig, train_cfg:
     return dmm, info
 
 
+def detection_warnings(flagged_share: float, clean_above_gamma: float, gamma: float) -> list[str]:
+    """What a user should be told about one detection, from numbers the run has without the truth.
+
+    ``clean_above_gamma``: the share of the DMM's own clean rows that it moved by ``gamma`` or more.
+    When that share is low, the DMM did not learn, and it will flag clean rows too. When the DMM did
+    learn and MEPD still flags most suspect rows, either most rows really are poisoned (bbc-lead's
+    attacker poisoned half of them, and MEPD flagged 82 of 160 with FAR 0.025) or gamma sits too high
+    on this data. The run cannot tell which, so the warning names both and points to the curve.
+    """
+    out = []
+    if clean_above_gamma < 0.5:
+        out.append(f"the DMM moved only {100 * clean_above_gamma:.0f}% of its own clean rows by gamma={gamma:g} or "
+                   "more: MEPD will flag clean rows too; raise dmm_lr or dmm_epochs")
+    if flagged_share > 0.5:
+        if clean_above_gamma < 0.5:
+            out.append(f"MEPD flagged {100 * flagged_share:.0f}% of the suspect rows: the DMM probably kept the "
+                       "clean mapping")
+        else:
+            out.append(f"MEPD flagged {100 * flagged_share:.0f}% of the suspect rows although the DMM moved "
+                       f"{100 * clean_above_gamma:.0f}% of its own clean rows by gamma={gamma:g}: either most rows "
+                       "are poisoned or gamma is too high for this data; check the detection curve in the record")
+    return out
+
+
 def gen_mepd(suspect: Generator, dmm_rows: Dataset, suspect_rows: Dataset, cfg: GenBeDKDConfig,
              train_cfg: TrainConfig, adapter: AdapterConfig, *, max_response_tokens: int | None, seed: int,
              eval_batch_size: int = 16, key: str | None = None) -> GenDetection:
@@ -344,12 +368,8 @@ def gen_mepd(suspect: Generator, dmm_rows: Dataset, suspect_rows: Dataset, cfg: 
              "dmm_clean_above_gamma": round(float((clean >= cfg.gamma).mean()), 4)}
     truth = suspect_rows["poisoned"] if "poisoned" in suspect_rows.column_names else None
     det = threshold(scores, match, truth, cfg.gamma, cfg.match_filter, cfg.gamma_grid, info=info, key=key)
-    if info["dmm_clean_above_gamma"] < 0.5:
-        log.warning("the DMM moved only %.0f%% of its own clean rows by gamma=%g or more: MEPD will flag clean "
-                    "rows too; raise dmm_lr or dmm_epochs", 100 * info["dmm_clean_above_gamma"], cfg.gamma)
-    if det.flags.mean() > 0.5:
-        log.warning("MEPD flagged %.0f%% of the suspect rows: the DMM probably kept the clean mapping",
-                    100 * det.flags.mean())
+    for message in detection_warnings(float(det.flags.mean()), info["dmm_clean_above_gamma"], cfg.gamma):
+        log.warning(message)
     log.info("MEPD: %d of %d rows flagged at gamma=%g (FAR %s, FRR %s)", det.n_flagged, len(scores), cfg.gamma,
              det.far, det.frr)
     return det
