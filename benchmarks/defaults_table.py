@@ -84,7 +84,28 @@ def _pct(x) -> str:
     return "-" if x is None else f"{100 * x:.1f}"
 
 
-def table(rows: list[dict]) -> str:
+DECODERS = ("smollm", "gpt", "gemma", "llama", "qwen")
+
+
+def is_decoder(teacher) -> bool:
+    return any(name in str(teacher).lower() for name in DECODERS)
+
+
+def decoder_teacher_runs(folder: Path) -> list[str]:
+    """Tagged W2SDefense records whose teacher is a decoder: variants of the default (its teacher is
+    MiniLM), so never counted in the table, but named so the summary does not say "not measured"."""
+    found = []
+    for path in sorted(folder.glob("*.jsonl")):
+        for r in read_records(path):
+            teacher = ((r.get("config") or {}).get("method") or {}).get("teacher") or r.get("teacher")
+            # classification records name their teacher; generative ones hold a dict (always a decoder)
+            if (r.get("method") == "w2s" and r.get("tag") and r.get("poisoned_model") and isinstance(teacher, str)
+                    and is_decoder(teacher)):
+                found.append(f"{teacher} on {r.get('dataset')} {r.get('attack')} ({path.name}, tag {r['tag']})")
+    return found
+
+
+def table(rows: list[dict], decoder_runs: list[str] = ()) -> str:
     counted = {}
     for row in sorted(rows, key=lambda x: x["time"] or ""):
         counted[(row["dataset"], row["attack"], row["adapter"])] = row  # latest wins
@@ -107,9 +128,13 @@ def table(rows: list[dict]) -> str:
                f"{len(missing)} of issue 21's cells have no record yet: "
                + (", ".join(f"{d} {a} {ad}" for d, a, ad in missing) or "none") + ".")
     teachers = sorted({str(r["teacher"]) for r in counted.values() if r["teacher"]})
-    summary += (f" Teachers in these records: {', '.join(teachers) or 'not recorded'}; a decoder teacher "
-                "(paper Table 5) is " + ("measured." if any("smollm" in t or "gpt" in t for t in teachers)
-                                         else "not measured yet."))
+    summary += f" Teachers in these records: {', '.join(teachers) or 'not recorded'}; a decoder teacher (paper Table 5) is "
+    if any(is_decoder(t) for t in teachers):
+        summary += "measured."
+    elif decoder_runs:
+        summary += "measured only as a tagged variant, not counted here: " + "; ".join(decoder_runs) + "."
+    else:
+        summary += "not measured yet."
     return "\n".join(lines) + "\n" + summary + "\n"
 
 
@@ -125,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
         for row in rows:
             print(json.dumps(row))
         return 0
-    text = table(rows)
+    text = table(rows, decoder_teacher_runs(args.results))
     print(text)
     if args.out != "-":
         Path(args.out).write_text("# W2SDefense with the current defaults, every cell\n\n"
