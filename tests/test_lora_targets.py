@@ -10,7 +10,12 @@ import pytest
 
 import kdshield.defenses.w2s_generation as w2s_gen
 from kdshield.cli import main
-from kdshield.defenses.w2s_generation import GenW2SConfig, gen_w2s_defend, keyed_settings, student_settings
+from kdshield.defenses.w2s_generation import (
+    GenW2SConfig,
+    gen_w2s_defend,
+    keyed_settings,
+    student_settings,
+)
 from kdshield.errors import ConfigError
 from kdshield.models.adapters import AdapterConfig, check_lora_targets, linear_module_names
 from kdshield.training.loop import TrainConfig
